@@ -1,0 +1,394 @@
+"""Helpers shared by every script: errors, seeding, devices, images, run directories, logs,
+checkpoints, and the image metrics (SSIM, MS-SSIM, PSNR).
+
+The one training-loop skeleton used by all three trainers lives in `trainer.py`.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors that reach the user as one line
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, flag, checkpoint, data): printed as one line, exit 1."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`, turning a UserError into one line on stderr and exit code 1 (no traceback)."""
+    try:
+        code = main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding and devices
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices) so that a run is repeatable on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every RNG state a resumed run needs to continue exactly (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return _encode_rng(state)
+
+
+def set_rng_state(state):
+    """Restore the RNG states saved by `rng_state`."""
+    state = _decode_rng(state)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _encode_rng(state):
+    # weights_only loading accepts tensors, lists, dicts and primitives, not tuples of numpy arrays:
+    # store the python and numpy states as plain lists and tensors.
+    py = state["python"]
+    np_state = state["numpy"]
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": state["torch"],
+    }
+    if "cuda" in state:
+        out["cuda"] = list(state["cuda"])
+    return out
+
+
+def _decode_rng(state):
+    py = state["python"]
+    npy = state["numpy"]
+    out = {
+        "python": (py[0], tuple(py[1]), py[2]),
+        "numpy": (npy[0], npy[1].numpy().astype(np.uint32), npy[2], npy[3], npy[4]),
+        "torch": state["torch"],
+    }
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def pick_device(name="auto", quiet=False):
+    """CUDA when available (or asked for), else CPU; prints the choice. Enables TF32 on CUDA."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    device = torch.device(name)
+    if device.type == "cuda":
+        # TF32 matmuls/convs: ~2x faster on Ampere+ with no visible effect on these losses.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if not quiet:
+        extra = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"
+        print(f"device: {device}{extra}")
+    return device
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op context on CPU, where we stay in fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def to_uint8(images):
+    """[-1, 1] float tensor [N, 1, H, W] (or [N, H, W]) -> uint8 numpy [N, H, W]."""
+    images = images.detach().float().cpu()
+    if images.dim() == 4:
+        images = images[:, 0]
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def image_grid(images, nrow=8, pad=2):
+    """Tile [N, 1, H, W] images in [-1, 1] into one uint8 array, `nrow` images per row."""
+    arr = to_uint8(images)
+    n, h, w = arr.shape
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    return grid
+
+
+def save_image_grid(images, path, nrow=8):
+    """Write a PNG grid of [N, 1, H, W] images in [-1, 1]; returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, nrow)).save(path)
+    return path
+
+
+def save_gif(frames, path, duration_ms=80, final_hold_ms=1000):
+    """Write an animated GIF from a list of uint8 [H, W] arrays (e.g. `image_grid` outputs)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pics = [Image.fromarray(f) for f in frames]
+    durations = [duration_ms] * (len(pics) - 1) + [final_hold_ms]
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories, config and logs
+
+
+def check_writable(directory, flag="--out"):
+    """Fail early (before any training) if `directory` cannot be created or written to."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", delete=True) as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise UserError(f"{flag} {directory}: cannot write there ({err.strerror or err})") from None
+    return directory
+
+
+def prepare_run_dir(out, resume=False, overwrite=False, flag="--out"):
+    """Create (or reuse, for resume) the run directory; never clobbers an existing run silently."""
+    out = Path(out)
+    existing = out.exists() and any(p.name in ("last.pt", "best.pt", "log.jsonl") for p in out.iterdir())
+    if existing and not resume and not overwrite:
+        raise UserError(f"{flag} {out}: a run already exists there; pass --resume {out} to continue it "
+                        f"or --overwrite to start over")
+    check_writable(out, flag)
+    if overwrite and existing and not resume:
+        for name in ("last.pt", "best.pt", "log.jsonl", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def save_json(obj, path):
+    """Write JSON atomically (temporary file then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlLogger:
+    """Append one JSON object per line to `log.jsonl` (flushed each write so a crash loses nothing)."""
+
+    def __init__(self, path, enabled=True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def log(self, record):
+        if not self.enabled:
+            return
+        line = json.dumps({k: _plain(v) for k, v in record.items()})
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def truncate_after(self, step):
+        """Drop records logged after `step` (used on resume: those steps will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_jsonl(self.path) if r.get("step", -1) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_jsonl(path):
+    """Read a JSONL log, skipping a partial last line (a run still writing) and blank lines."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut off mid-write
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(state, path):
+    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then rename.
+
+    A kill at any moment leaves either the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, kind=None, flag="--ckpt"):
+    """Load a checkpoint with `weights_only=True` (never runs pickled code) and check its kind.
+
+    `kind` is a string or a tuple of accepted strings matched against the checkpoint's `kind` entry
+    (e.g. "stage1", "diffusion", "pixelcnn"). Every failure is a one-line UserError naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).exists():
+                path = path / name
+                break
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every loader failure becomes one clear line
+        text = str(err)
+        if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+            raise UserError(f"{flag} {path}: refused, the file holds pickled Python objects that could run code "
+                            f"(only plain tensors and values are loaded)") from None
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {text.splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or "kind" not in state:
+        raise UserError(f"{flag} {path}: not a checkpoint of this repo (no 'kind' entry)")
+    accepted = (kind,) if isinstance(kind, str) else kind
+    if accepted and state["kind"] not in accepted:
+        raise UserError(f"{flag} {path}: is a '{state['kind']}' checkpoint, expected {' or '.join(accepted)}")
+    state["_path"] = str(path)
+    return state
+
+
+def file_sha256(path, limit=None):
+    """Hex SHA-256 of a file (records which stage-one checkpoint a stage-two model was trained on)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: SSIM (Gaussian 11x11, sigma 1.5, equal to scikit-image's gaussian_weights=True,
+# use_sample_covariance=False), MS-SSIM (Wang et al. 2003 weights), PSNR
+
+
+def _gaussian_window(size=11, sigma=1.5, device=None, dtype=torch.float32):
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g
+
+
+def _ssim_maps(x, y, data_range, size=11, sigma=1.5):
+    """Per-pixel SSIM and contrast-structure maps over the 'valid' region (no padding)."""
+    c = x.shape[1]
+    g = _gaussian_window(size, sigma, x.device, x.dtype)
+    wx = g.view(1, 1, 1, size).expand(c, 1, 1, size)
+    wy = g.view(1, 1, size, 1).expand(c, 1, size, 1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, wx, groups=c), wy, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
+    return ssim_map, cs
+
+
+def ssim(x, y, data_range=2.0, size=11, sigma=1.5):
+    """Mean SSIM per image, [N] tensor, for [N, C, H, W] inputs (images in [-1, 1] have data_range 2).
+
+    Matches skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=...) which also averages over the region that the
+    11x11 window covers without padding.
+    """
+    x, y = x.float(), y.float()
+    ssim_map, _ = _ssim_maps(x, y, data_range, size, sigma)
+    return ssim_map.mean(dim=(1, 2, 3))
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim(x, y, data_range=2.0, size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS):
+    """Multi-scale SSIM per image (Wang, Simoncelli & Bovik 2003), [N] tensor.
+
+    Uses as many of the five scales as the image allows for the 11x11 window (a 64x64 image gets
+    three); the weights of the scales used are renormalised to sum to 1. Contrast-structure terms
+    are clamped at 0 (as pytorch-msssim does) so that fractional powers stay real.
+    """
+    x, y = x.float(), y.float()
+    levels = len(weights)
+    while levels > 1 and min(x.shape[-2:]) // 2 ** (levels - 1) < size:
+        levels -= 1
+    w = torch.tensor(weights[:levels], device=x.device)
+    w = w / w.sum()
+    values = []
+    for level in range(levels):
+        ssim_map, cs = _ssim_maps(x, y, data_range, size, sigma)
+        if level == levels - 1:
+            values.append(ssim_map.mean(dim=(1, 2, 3)).clamp(min=0))
+        else:
+            values.append(cs.mean(dim=(1, 2, 3)).clamp(min=0))
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    stacked = torch.stack(values, dim=1)  # [N, levels]
+    return torch.prod(stacked ** w[None, :], dim=1)
+
+
+def psnr(x, y, data_range=2.0):
+    """PSNR in dB per image, [N] tensor (skimage.metrics.peak_signal_noise_ratio on each image)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
