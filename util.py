@@ -392,3 +392,74 @@ def psnr(x, y, data_range=2.0):
     """PSNR in dB per image, [N] tensor (skimage.metrics.peak_signal_noise_ratio on each image)."""
     mse = ((x.float() - y.float()) ** 2).flatten(1).mean(dim=1)
     return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage two: the frozen stage-one model and its latent cache (shared by stable_diffusion.py and
+# pixelCNN.py)
+
+
+def load_autoencoder(path, device, flag="--ae"):
+    """Rebuild a frozen stage-one model from its checkpoint; returns (model, checkpoint dict)."""
+    from model_VAE import build_autoencoder  # lazy: util stays importable without the models
+
+    ckpt = load_checkpoint(path, kind="stage1", flag=flag)
+    try:
+        model = build_autoencoder(ckpt["model_type"], ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise UserError(f"{flag} {ckpt['_path']}: stage-one checkpoint does not match its model config "
+                        f"({str(err).splitlines()[0][:160]})") from None
+    return model.to(device).eval().requires_grad_(False), ckpt
+
+
+@torch.no_grad()
+def encode_split(model, images_u8, z, device, what="latent", batch_size=64):
+    """Encode a whole split once with the frozen autoencoder: continuous latents or VQ code indices."""
+    conditional = model_is_conditional(model)
+    outs = []
+    for i in range(0, len(images_u8), batch_size):
+        x = images_u8[i:i + batch_size].to(device).float() / 127.5 - 1
+        zz = z[i:i + batch_size].to(device) if conditional else None
+        with autocast(device):
+            out = model.encode_indices(x, zz) if what == "indices" else model.encode_latent(x, zz).float()
+        outs.append(out.cpu())
+    return torch.cat(outs)
+
+
+def model_is_conditional(model):
+    """Whether a stage-one model was trained with the z-index condition."""
+    return bool(getattr(model, "conditional", False))
+
+
+def parse_z_spec(text, num_z, flag="--z"):
+    """'0..31' (inclusive range), '5', or '0,8,16' -> list of ints, each checked against num_z."""
+    try:
+        if ".." in text:
+            lo, hi = (int(v) for v in text.split(".."))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected a range like 0..31 or a list like 0,8,16") from None
+    bad = [v for v in values if not 0 <= v < max(num_z, 1)]
+    if not values or bad:
+        raise UserError(f"{flag} {text}: z-indices must lie in 0..{max(num_z, 1) - 1} for this model")
+    return values
+
+
+def sample_grid_z(zs, n):
+    """z for n rows of one sample per requested z-index (row-major: a row reads bottom to top)."""
+    return torch.tensor(zs * n, dtype=torch.long)
+
+
+def load_cache(path, ae_sha256):
+    """A latent/code cache written for this exact stage-one file, or None (missing, stale or corrupt)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
+        return None
+    return cache if isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 else None

@@ -1,0 +1,901 @@
+"""Brain MRI slices from any source through one API, plus the embedded dataset that ships offline.
+
+Every source comes back as a `SliceSet` per split: uint8 images [N, S, S] at the requested square
+size S (32, 64, 128 or 256), each slice with its z-index (-1 where unknown) and its subject id.
+Splits never share a subject.
+
+Sources (`detect_layout` tells them apart):
+- oasis:  a folder holding keras_png_slices_{train,validate,test} (and optionally
+          keras_png_slices_seg_*), files named case_<subject>_slice_<z>.nii.png. The same tree one or
+          two folders deeper (as the archive extracts) is found on its own.
+- nifti:  a folder of .nii / .nii.gz / .img+.hdr volumes, one subject each. K axial slices spread
+          over the brain's non-zero extent, z = slice rank 0..K-1, robust per-volume normalisation.
+- folder: a plain folder of images (png, jpg, bmp, tif). Unconditional: z = -1, `conditional` False.
+          Uses train/validate/test subfolders when present, else splits by file.
+
+The embedded dataset is a pseudo-cohort made from the MNI ICBM152 2009a T1 template inside the
+installed nilearn wheel: each subject gets its own smooth non-linear deformation, small affine,
+bias field, contrast and noise, and is written in the OASIS PNG layout (images and seg maps).
+
+Commands:
+    python dataset.py build-demo --out data/demo_64 --size 64                  # 64 subjects, seconds
+    python dataset.py build-demo --out data/demo_256 --size 256 --subjects 300 # OASIS-sized
+    python dataset.py inspect data/demo_64 --size 64
+    python dataset.py inspect /path/to/keras_png_slices_data --size 128
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from util import UserError, run_cli
+
+SPLITS = ("train", "validate", "test")
+SIZES = (32, 64, 128, 256)
+FRACTIONS = {"train": 0.8, "validate": 0.1, "test": 0.1}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_EXTS = (".nii.gz", ".nii", ".img")
+JUNK_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
+OASIS_DIR = "keras_png_slices_{}"
+OASIS_SEG_DIR = "keras_png_slices_seg_{}"
+OASIS_TREE = re.compile(r"keras_png_slices_(?:seg_)?(?:train|validate|test)")
+OASIS_NAME = re.compile(r"case_(?P<subject>.+?)_slice_(?P<z>\d+)(?:\.nii)?\.png", re.IGNORECASE)
+OASIS_SEG_NAME = re.compile(r"seg_(?P<subject>.+?)_slice_(?P<z>\d+)(?:\.nii)?\.png", re.IGNORECASE)
+FOLDER_SPLITS = {"train": ("train",), "validate": ("validate", "val", "valid", "validation"), "test": ("test",)}
+SEG_LEVELS = np.array([85, 170, 255], dtype=np.uint8)  # CSF, grey matter, white matter (OASIS seg PNGs)
+DEMO_SUBJECTS = 64
+DEMO_STATS = "embedded.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and the in-memory split
+
+
+class DataError(UserError):
+    """A data problem, shown to the user as one line `<path>: <what is wrong>`."""
+
+    def __init__(self, path, problem=None):
+        super().__init__(str(path) if problem is None else f"{path}: {problem}")
+
+
+@dataclass
+class SliceSet:
+    """One split, fully decoded in memory (later epochs index these arrays and decode nothing)."""
+
+    images: np.ndarray  # uint8 [N, S, S]
+    z: np.ndarray  # int64 [N], -1 where unknown
+    subjects: np.ndarray  # str [N]
+    paths: list  # source file of each slice
+    split: str
+    source: str  # 'oasis' | 'nifti' | 'folder'
+    num_z: int  # z-indices run 0..num_z-1; 0 when unconditional
+    size: int
+    notes: list = field(default_factory=list)
+    disk_sizes: dict = field(default_factory=dict)  # "HxW" (or volume shape) on disk -> count
+
+    @property
+    def conditional(self):
+        """True when every slice has a known z-index."""
+        return self.num_z > 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def tensors(self):
+        """(uint8 [N, 1, S, S], long [N]) sharing memory with the arrays, for fast batch indexing."""
+        return torch.from_numpy(self.images).unsqueeze(1), torch.from_numpy(self.z)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """A SliceSet as a torch Dataset: item i -> (float [1, S, S] in [-1, 1], int z)."""
+
+    def __init__(self, slices):
+        self.slices = slices
+        self.images, self.z = slices.tensors()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return to_float(self.images[i]), int(self.z[i])
+
+
+def to_float(images_uint8):
+    """uint8 tensor -> float32 in [-1, 1] (x / 127.5 - 1), on the tensor's device."""
+    return images_uint8.to(torch.float32, copy=True).div_(127.5).sub_(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding files and telling layouts apart
+
+
+def _is_junk(path):
+    """OS clutter (.DS_Store, ._* resource forks, Thumbs.db, __MACOSX) that is skipped silently."""
+    return path.name.startswith(".") or path.name.lower() in JUNK_NAMES
+
+
+def _entries(folder):
+    """Sorted entries of a folder; an unreadable folder is a DataError naming it."""
+    try:
+        return sorted(Path(folder).iterdir())
+    except OSError as err:
+        raise DataError(folder, f"cannot list the folder ({err.strerror or err})") from None
+
+
+def _files(folder, recursive=False):
+    """Sorted regular files under `folder`, clutter left out (and clutter folders not entered)."""
+    found = []
+    for entry in _entries(folder):
+        if _is_junk(entry):
+            continue
+        if entry.is_file():
+            found.append(entry)
+        elif recursive and entry.is_dir():
+            found.extend(_files(entry, recursive=True))
+    return found
+
+
+def _subdirs(folder):
+    """Sorted non-clutter subfolders."""
+    return [p for p in _entries(folder) if p.is_dir() and not _is_junk(p)]
+
+
+def _volume_ext(path):
+    """The volume extension of `path` ('.nii.gz', '.nii', '.img') or None."""
+    name = path.name.lower()
+    return next((ext for ext in VOLUME_EXTS if name.endswith(ext)), None)
+
+
+def _is_image(path):
+    """True for the 2-D image formats a plain folder may hold."""
+    return path.suffix.lower() in IMAGE_EXTS
+
+
+def _has_oasis_tree(folder):
+    """True when `folder` directly holds keras_png_slices_* split folders."""
+    return any(OASIS_TREE.fullmatch(p.name) for p in _subdirs(folder))
+
+
+def detect_layout(path):
+    """('oasis' | 'nifti' | 'folder', the root actually used) for a data folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    if not path.is_dir():
+        raise DataError(path, "not a folder (give the folder that holds the data)")
+    if OASIS_TREE.fullmatch(path.name):
+        path = path.parent  # pointed at one split folder: use the tree around it
+    # The archive extracts to keras_png_slices_data/keras_png_slices_data/...: look two levels down.
+    level = [path]
+    for _ in range(3):
+        hits = [p for p in level if _has_oasis_tree(p)]
+        if len(hits) > 1:
+            raise DataError(path, f"holds more than one OASIS tree ({', '.join(str(h) for h in hits)}); point at one")
+        if hits:
+            return "oasis", hits[0]
+        level = [sub for p in level for sub in _subdirs(p)]
+    files = _files(path, recursive=True)
+    if not files:
+        raise DataError(path, "folder is empty")
+    if any(_volume_ext(f) for f in files):
+        return "nifti", path
+    if any(_is_image(f) for f in files):
+        return "folder", path
+    raise DataError(path, "nothing recognisable: expected keras_png_slices_{train,validate,test} folders, "
+                          "NIfTI/Analyze volumes (.nii, .nii.gz, .img+.hdr) or images (png, jpg, bmp, tif)")
+
+
+def split_subjects(subjects, seed=0, fractions=None):
+    """Map each subject id to a split: seeded permutation of the sorted ids, >= 1 per split from 3 ids."""
+    fractions = fractions or FRACTIONS
+    ids = sorted(set(subjects))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n = len(ids)
+    n_val = round(fractions["validate"] * n)
+    n_test = round(fractions["test"] * n)
+    if n >= 3:
+        n_val, n_test = max(1, n_val), max(1, n_test)
+    n_train = n - n_val - n_test
+    names = ["train"] * n_train + ["validate"] * n_val + ["test"] * n_test
+    return {ids[i]: names[rank] for rank, i in enumerate(order)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding 2-D images
+
+
+def fit_square(arr, size):
+    """Zero-pad a uint8 [H, W] image to a centred square (MRI background is black), then resize."""
+    h, w = arr.shape
+    if h != w:
+        side = max(h, w)
+        square = np.zeros((side, side), dtype=np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top:top + h, left:left + w] = arr
+        arr = square
+    if arr.shape[0] == size:
+        return arr
+    # BOX is an exact area average when shrinking (256 -> 64 is a 4x4 mean): no aliasing and, unlike
+    # LANCZOS, no ringing halo at the sharp brain/background edge. Bilinear never overshoots when growing.
+    im = Image.fromarray(arr)
+    if arr.shape[0] % size == 0:
+        return np.asarray(im.reduce(arr.shape[0] // size))  # the same block mean, ~5x faster
+    filt = Image.BOX if arr.shape[0] > size else Image.BILINEAR
+    return np.asarray(im.resize((size, size), filt))
+
+
+def _to_gray8(im):
+    """PIL image -> (uint8 [H, W], conversion kind or None). High bit depths are scaled by their own max."""
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im), None
+    if mode.startswith("I") or mode == "F":
+        # Scaling by each image's own max keeps the full contrast of 12/16-bit scans (clipping at 255
+        # would turn most of a 16-bit brain white).
+        arr = np.asarray(im).astype(np.float64)
+        arr = np.clip(arr, 0, None)
+        peak = arr.max()
+        arr = np.round(arr * (255.0 / peak)) if peak > 0 else arr
+        return arr.astype(np.uint8), "16-bit" if mode.startswith("I;16") else f"mode {mode}"
+    kind = "RGB" if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV") else f"mode {mode}"
+    return np.asarray(im.convert("L")), kind
+
+
+def _read_image(path):
+    """Decode one image file to uint8 [H, W] grayscale; a corrupt file is a DataError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_gray8(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(path, f"unreadable or corrupt image ({err})") from None
+
+
+def _decode_all(paths, size, desc):
+    """Decode image files in a thread pool (PIL releases the GIL) into uint8 [N, size, size]."""
+    images = np.zeros((len(paths), size, size), dtype=np.uint8)
+    disk = [None] * len(paths)
+    kinds = [None] * len(paths)
+
+    def work(i):
+        arr, kinds[i] = _read_image(paths[i])
+        disk[i] = f"{arr.shape[0]}x{arr.shape[1]}"
+        images[i] = fit_square(arr, size)
+
+    workers = min(8, (os.cpu_count() or 1) + 2)
+    ex = ThreadPoolExecutor(workers)
+    try:
+        for _ in tqdm(ex.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      disable=None if len(paths) > 2000 else True, leave=False):
+            pass
+    except BaseException:
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown()
+    disk_sizes = dict(Counter(disk))
+    return images, _decode_notes(kinds, disk_sizes, size), disk_sizes
+
+
+def _decode_notes(kinds, disk_sizes, size):
+    """Human-readable notes on conversions and resizes done while decoding."""
+    notes = []
+    for kind, n in sorted(Counter(k for k in kinds if k).items()):
+        how = "scaled by each image's own maximum to 8-bit" if kind == "16-bit" or kind.startswith("mode I") \
+            or kind == "mode F" else "converted to 8-bit grayscale"
+        notes.append(f"{n} of {len(kinds)} images were {kind}: {how}")
+    if len(disk_sizes) > 1:
+        listed = ", ".join(f"{k} ({v})" for k, v in sorted(disk_sizes.items(), key=lambda kv: -kv[1]))
+        notes.append(f"mixed slice sizes on disk: {listed}; all padded to square and resized to {size}x{size}")
+    elif disk_sizes:
+        (shape,) = disk_sizes
+        h, w = map(int, shape.split("x"))
+        if h != w:
+            notes.append(f"slices are {shape} on disk: zero-padded to square, then resized to {size}x{size}")
+        elif h != size:
+            notes.append(f"slices are {shape} on disk: resized to {size}x{size}")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Source 1: the OASIS PNG layout
+
+
+def _oasis_index(root):
+    """Per split, the sorted (subject, z, path) of its slices (None where the folder is missing)."""
+    index, notes, owner = {}, [], {}
+    for split in SPLITS:
+        folder = root / OASIS_DIR.format(split)
+        if not folder.is_dir():
+            index[split] = None
+            continue
+        seen, skipped = {}, []
+        for f in _files(folder):
+            m = OASIS_NAME.fullmatch(f.name)
+            if not m:
+                skipped.append(f.name)
+                continue
+            key = (m["subject"], int(m["z"]))
+            if key in seen:
+                raise DataError(folder, f"duplicate slice: subject {key[0]} z {key[1]} is in both "
+                                        f"{seen[key].name} and {f.name}")
+            seen[key] = f
+        if skipped:
+            notes.append(f"{split}: skipped {len(skipped)} files not named case_<subject>_slice_<z>.nii.png "
+                         f"(e.g. {skipped[0]})")
+        for (subject, _), f in seen.items():
+            if subject in owner and owner[subject][0] != split:
+                first, example = owner[subject]
+                raise DataError(root, f"subject {subject} is in both {OASIS_DIR.format(first)} ({example.name}) "
+                                      f"and {OASIS_DIR.format(split)} ({f.name}): splits must not share subjects")
+            owner.setdefault(subject, (split, f))
+        index[split] = [(s, z, seen[(s, z)]) for s, z in sorted(seen)]
+    return index, notes
+
+
+def _oasis_seg_counts(root):
+    """Number of seg PNGs per split folder that exists (empty dict when there are no seg maps)."""
+    counts = {}
+    for split in SPLITS:
+        folder = root / OASIS_SEG_DIR.format(split)
+        if folder.is_dir():
+            counts[split] = sum(1 for f in _files(folder) if OASIS_SEG_NAME.fullmatch(f.name))
+    return counts
+
+
+def _require_split(items, split, folder):
+    """Raise a DataError naming the split folder when it is missing or holds no images."""
+    if items is None:
+        raise DataError(folder, f"the {split} split folder is missing")
+    if not items:
+        raise DataError(folder, f"the {split} split has no images")
+
+
+def _load_oasis(root, size, splits):
+    """Decode the requested OASIS splits."""
+    index, notes = _oasis_index(root)
+    present = [z for items in index.values() if items for _, z, _ in items]
+    num_z = max(present) + 1 if present else 0
+    out = {}
+    for split in splits:
+        items = index[split]
+        _require_split(items, split, root / OASIS_DIR.format(split))
+        paths = [p for _, _, p in items]
+        images, dec_notes, disk = _decode_all(paths, size, f"decode {split}")
+        per_subject = Counter(s for s, _, _ in items)
+        short = sorted(s for s, n in per_subject.items() if n < num_z)
+        extra = [f"{len(short)} subjects have fewer than {num_z} slices (e.g. {short[0]})"] if short else []
+        out[split] = SliceSet(images, np.array([z for _, z, _ in items], dtype=np.int64),
+                              np.array([s for s, _, _ in items], dtype=str), [str(p) for p in paths],
+                              split, "oasis", num_z, size, notes + dec_notes + extra, disk)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Source 2: NIfTI / Analyze volumes
+
+
+def _nifti_index(root, seed):
+    """Per split, the sorted (subject, path) of its volumes; subject = relative path without extension."""
+    volumes = []
+    for f in _files(root, recursive=True):
+        ext = _volume_ext(f)
+        if ext is None:
+            continue
+        if ext == ".img" and not f.with_suffix(".hdr").exists() and not f.with_suffix(".HDR").exists():
+            raise DataError(f, "Analyze .img volume without its .hdr header beside it")
+        volumes.append((f.relative_to(root).as_posix()[: -len(ext)], f))
+    first = {}
+    for subject, f in volumes:
+        if subject in first:
+            raise DataError(root, f"two volumes for subject {subject}: {first[subject].name} and {f.name}")
+        first[subject] = f
+    assignment = split_subjects([s for s, _ in volumes], seed)
+    return {split: [(s, f) for s, f in volumes if assignment[s] == split] for split in SPLITS}
+
+
+def _volume_slices(path, num_slices, size):
+    """K axial slices of one volume as uint8 [K, size, size], notes (without the file name) and the
+    shape on disk."""
+    import nibabel as nib
+
+    notes = []
+    try:
+        raw = nib.load(str(path))
+        shape = "x".join(map(str, raw.shape))
+        img = nib.as_closest_canonical(raw)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as err:  # noqa: BLE001 - nibabel/zlib raise many types; all mean the same to the user
+        raise DataError(path, f"unreadable or corrupt volume ({type(err).__name__}: {err})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        notes.append("4-D volume: used the first volume")
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(path, f"expected a 3-D volume, found shape {shape}")
+    data = np.nan_to_num(data, copy=False)
+    mask = data != 0
+    if not mask.any():
+        raise DataError(path, "volume is all zero")
+    axial = np.flatnonzero(mask.any(axis=(0, 1)))  # canonical RAS: the last axis runs inferior -> superior
+    lo, hi = int(axial[0]), int(axial[-1])
+    if hi == lo:
+        raise DataError(path, f"only one axial slice holds data (shape {shape}); need a 3-D brain volume")
+    # Centres of K equal bins over the non-zero extent: the near-empty first and last slices are avoided.
+    extent = hi - lo + 1
+    picks = np.clip(np.floor(lo + (np.arange(num_slices) + 0.5) * extent / num_slices), lo, hi).astype(int)
+    if extent < num_slices:
+        notes.append(f"fewer non-empty axial slices than the {num_slices} requested: some repeat")
+    values = data[mask]
+    p_lo, p_hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if p_hi <= p_lo:  # (nearly) constant brain: show it as plain white rather than divide by zero
+        p_lo, p_hi = p_lo - 1.0, p_lo
+    chosen = data[:, :, picks]
+    scaled = np.clip((chosen - p_lo) / (p_hi - p_lo), 0, 1) * 255
+    scaled[~mask[:, :, picks]] = 0  # keep the background black even when p_lo < 0
+    scaled = np.round(scaled).astype(np.uint8)
+    zooms = np.sqrt((img.affine[:3, :2] ** 2).sum(axis=0))
+    out = np.zeros((num_slices, size, size), dtype=np.uint8)
+    for k in range(num_slices):
+        sl = scaled[:, :, k].T[::-1]  # rows run anterior (top) -> posterior, columns left -> right
+        sl = _square_pixels(sl, zooms)
+        out[k] = fit_square(np.ascontiguousarray(sl), size)
+    if abs(zooms[0] - zooms[1]) > 0.01 * zooms.max():
+        notes.append("non-square in-plane voxels: resampled to square pixels")
+    return out, notes, shape
+
+
+def _square_pixels(sl, zooms):
+    """Resample an axial slice (rows = y, columns = x) so its pixels are square in millimetres."""
+    zx, zy = float(zooms[0]), float(zooms[1])
+    if abs(zx - zy) <= 0.01 * max(zx, zy):
+        return sl
+    fine = min(zx, zy)
+    h, w = sl.shape
+    shape = (max(1, round(w * zx / fine)), max(1, round(h * zy / fine)))
+    return np.asarray(Image.fromarray(sl).resize(shape, Image.BILINEAR))
+
+
+def _group_notes(named_notes):
+    """[(file name, note)] -> one line per distinct note, naming the file or counting the files."""
+    by_note = {}
+    for name, note in named_notes:
+        by_note.setdefault(note, []).append(name)
+    return [f"{names[0]}: {note}" if len(names) == 1 else f"{len(names)} volumes (e.g. {names[0]}): {note}"
+            for note, names in by_note.items()]
+
+
+def _load_nifti(root, size, splits, num_slices, seed):
+    """Read each needed volume once and return the requested splits."""
+    index = _nifti_index(root, seed)
+    total = sum(len(v) for v in index.values())
+    for split in splits:
+        if not index[split]:
+            raise DataError(root, f"the {split} split has no volumes ({total} subjects found; "
+                                  f"at least 3 are needed for train/validate/test)")
+    jobs = [(split, s, p) for split in splits for s, p in index[split]]
+    with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as ex:
+        results = list(tqdm(ex.map(lambda job: _volume_slices(job[2], num_slices, size), jobs), total=len(jobs),
+                            desc="read volumes", unit="vol", disable=None if len(jobs) > 20 else True, leave=False))
+    out = {}
+    for split in splits:
+        picked = [(job, res) for job, res in zip(jobs, results) if job[0] == split]
+        notes = _group_notes([(job[2].name, note) for job, res in picked for note in res[1]])
+        disk = dict(Counter(res[2] for _, res in picked))
+        images = np.concatenate([res[0] for _, res in picked])
+        subjects = np.repeat(np.array([s for (_, s, _), _ in picked], dtype=str), num_slices)
+        paths = [str(p) for (_, _, p), _ in picked for _ in range(num_slices)]
+        z = np.tile(np.arange(num_slices, dtype=np.int64), len(picked))
+        notes.append(f"volumes: {num_slices} axial slices each over the non-zero extent, "
+                     f"intensities scaled by the 0.5/99.5th percentiles of non-zero voxels, resized to {size}x{size}")
+        out[split] = SliceSet(images, z, subjects, paths, split, "nifti", num_slices, size, notes, disk)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Source 3: a plain folder of images
+
+
+def _folder_index(root, seed):
+    """Per split, the sorted (subject, path) of its images (split subfolders when present), notes, and
+    the folder each split comes from."""
+    subdirs = {p.name.lower(): p for p in _subdirs(root)}
+    named = {split: next((subdirs[a] for a in aliases if a in subdirs), None) for split, aliases in FOLDER_SPLITS.items()}
+    notes = []
+    if any(named.values()):
+        index = {}
+        for split, folder in named.items():
+            if folder is None:
+                index[split] = None
+                continue
+            files = _files(folder, recursive=True)
+            index[split] = [(f.relative_to(root).as_posix(), f) for f in files if _is_image(f)]
+            other = [f for f in files if not _is_image(f)]
+            if other:
+                notes.append(f"{split}: skipped {len(other)} files that are not images (e.g. {other[0].name})")
+        loose = [f for f in _files(root) if _is_image(f)]
+        if loose:
+            notes.append(f"ignored {len(loose)} images beside the split subfolders (e.g. {loose[0].name})")
+        folders = {s: named[s] or root / FOLDER_SPLITS[s][0] for s in SPLITS}
+        return index, notes, folders
+    files = _files(root, recursive=True)
+    images = [(f.relative_to(root).as_posix(), f) for f in files if _is_image(f)]
+    other = [f for f in files if not _is_image(f)]
+    if other:
+        notes.append(f"skipped {len(other)} files that are not images (e.g. {other[0].name})")
+    assignment = split_subjects([s for s, _ in images], seed)
+    notes.append(f"no train/validate/test subfolders: {len(images)} images split by file (seed {seed})")
+    index = {split: [(s, f) for s, f in images if assignment[s] == split] for split in SPLITS}
+    return index, notes, dict.fromkeys(SPLITS, root)
+
+
+def _load_folder(root, size, splits, seed):
+    """Decode the requested splits of a plain image folder (unconditional: z = -1)."""
+    index, notes, folders = _folder_index(root, seed)
+    out = {}
+    for split in splits:
+        items = index[split]
+        _require_split(items, split, folders[split])
+        paths = [p for _, p in items]
+        images, dec_notes, disk = _decode_all(paths, size, f"decode {split}")
+        out[split] = SliceSet(images, np.full(len(items), -1, dtype=np.int64), np.array([s for s, _ in items], dtype=str),
+                              [str(p) for p in paths], split, "folder", 0, size,
+                              notes + dec_notes + ["plain images: z-index unknown (-1), conditioning off"], disk)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The one entry point
+
+
+def _check_args(size, splits):
+    """Refuse sizes and split names the rest of the repo does not support."""
+    if size not in SIZES:
+        raise UserError(f"--size {size}: must be one of {', '.join(map(str, SIZES))}")
+    for split in splits:
+        if split not in SPLITS:
+            raise UserError(f"unknown split '{split}': expected one of {', '.join(SPLITS)}")
+
+
+def load_splits(path, size=64, splits=SPLITS, num_slices=32, seed=0):
+    """{split: SliceSet} for the requested splits of any source (NIfTI volumes are read once for all)."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    _check_args(size, splits)
+    if num_slices < 1:
+        raise UserError(f"--num-slices {num_slices}: must be at least 1")
+    kind, root = detect_layout(path)
+    if kind == "oasis":
+        return _load_oasis(root, size, splits)
+    if kind == "nifti":
+        return _load_nifti(root, size, splits, num_slices, seed)
+    return _load_folder(root, size, splits, seed)
+
+
+def load_split(path, split, size=64, num_slices=32, seed=0):
+    """One split of any source as a SliceSet."""
+    return load_splits(path, size, (split,), num_slices, seed)[split]
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded dataset: a pseudo-cohort from the MNI ICBM152 2009a template
+
+
+def default_data_dir(size):
+    """Where the embedded dataset at `size` lives: data/embedded_<size> beside this file."""
+    return Path(__file__).resolve().parent / "data" / f"embedded_{size}"
+
+
+def _shown(path):
+    """`path` relative to the working directory when it is inside it (shorter messages)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def ensure_dataset(path, size):
+    """The data folder to use: `path` if given (it must exist), else the embedded set, built once."""
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(path, "no such file or folder")
+        return path
+    out = default_data_dir(size)
+    if not (out / DEMO_STATS).exists():
+        print(f"no --data given: building the embedded MNI dataset at {_shown(out)} (once)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: an interrupted build never leaves a half dataset behind.
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            build_demo(tmp, size=size, subjects=DEMO_SUBJECTS)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _template_dir():
+    """The folder inside the nilearn wheel that holds the MNI ICBM152 2009a maps."""
+    import nilearn
+
+    return Path(nilearn.__file__).parent / "datasets" / "data"
+
+
+@lru_cache(maxsize=1)
+def _mni_maps():
+    """MNI T1, grey and white matter maps (float32, 1 mm RAS), the brain's voxel bounding box
+    [(lo, hi)] * 3 and the lowest in-brain T1 value."""
+    import nibabel as nib
+
+    maps = {}
+    for name in ("t1", "gm", "wm"):
+        path = _template_dir() / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
+        if not path.exists():
+            raise UserError(f"{path}: MNI template missing from the nilearn install (reinstall nilearn==0.14.1)")
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        if not np.allclose(np.abs(np.diag(img.affine)[:3]), 1):
+            raise UserError(f"{path}: expected 1 mm voxels, found affine {img.affine.tolist()}")
+        maps[name] = np.asarray(img.dataobj, dtype=np.float32)
+    brain = maps["t1"] > 0
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((int(hits[0]), int(hits[-1])))
+    return maps, box, float(maps["t1"][brain].min())
+
+
+@lru_cache(maxsize=4)
+def _template(pool):
+    """({'t1': float32, 'labels': uint8 0..3}, box, floor) on the 1 mm grid mean-pooled by `pool`."""
+    maps, box, floor = _mni_maps()
+    if pool > 1:
+        # A box prefilter at the output pixel pitch: sampling the 1 mm template every 3+ mm would alias.
+        pooled = {}
+        for name, vol in maps.items():
+            for axis in range(3):
+                n = vol.shape[axis] - vol.shape[axis] % pool
+                vol = np.take(vol, np.arange(n), axis=axis)
+                vol = vol.reshape(vol.shape[:axis] + (n // pool, pool) + vol.shape[axis + 1:]).mean(axis=axis + 1)
+            pooled[name] = np.ascontiguousarray(vol, dtype=np.float32)
+        maps = pooled
+    # Labels are decided once on the template grid and sampled nearest-neighbour: interpolating a
+    # label map would invent classes. CSF = inside the brain but neither grey nor white matter dominant.
+    csf = np.clip(255 - maps["gm"] - maps["wm"], 0, None)
+    labels = np.argmax(np.stack([csf, maps["gm"], maps["wm"]]), axis=0).astype(np.uint8) + 1
+    labels[maps["t1"] < 0.5 * floor] = 0
+    return {"t1": maps["t1"], "labels": labels}, box, floor
+
+
+def _smooth_field(rng, grids, n_ctrl, sigma, channels):
+    """A smooth random field [channels, K, H, W]: Gaussian bumps on a coarse control grid, summed.
+
+    Separable, so it costs a few small matrix products instead of a 3-D upsampling per subject.
+    """
+    bases = []
+    for coords, n in zip(grids, n_ctrl):
+        centres = np.linspace(coords.min(), coords.max(), n)
+        width = (centres[1] - centres[0]) if n > 1 else 1e9
+        bases.append(np.exp(-0.5 * ((coords[:, None] - centres[None, :]) / width) ** 2).astype(np.float32))
+    coef = rng.normal(0, sigma, size=(*n_ctrl, channels)).astype(np.float32)
+    return np.einsum("ka,jb,ic,abcd->dkji", bases[0], bases[1], bases[2], coef, optimize=True)
+
+
+def _pitch(size):
+    """(output pixel pitch in mm, template pooling factor) for an output size."""
+    (x0, x1), (y0, y1), _ = _mni_maps()[1]
+    # Field of view 1.25x the brain's longest in-plane extent: the brain fills most of the square
+    # with a black margin even for the largest, most shifted subjects.
+    pitch = 1.25 * max(x1 - x0, y1 - y0) / size
+    return pitch, max(1, int(pitch))
+
+
+def _pseudo_subject(index, seed, size, num_slices=32):
+    """One pseudo-subject: (images uint8 [K, S, S], seg uint8 [K, S, S]) from the warped template."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng([seed, index])
+    (x0, x1), (y0, y1), (z0, z1) = _mni_maps()[1]
+    pitch, pool = _pitch(size)
+    maps, _, floor = _template(pool)
+    # Output pixel centres in mm relative to the brain's centre; rows run anterior (top) to posterior.
+    # Slices go from the lower cerebellum to the upper convexity, like the 32 OASIS slices.
+    centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2, (z0 + z1) / 2])
+    zs = np.linspace(z0 + 0.18 * (z1 - z0), z0 + 0.9 * (z1 - z0), num_slices) - centre[2]
+    cols = (np.arange(size) - (size - 1) / 2) * pitch
+    rows = ((size - 1) / 2 - np.arange(size)) * pitch
+    # Small affine (output -> template): a few degrees about each axis, scale, shift in mm.
+    ax, ay, az = np.deg2rad(rng.uniform(-4, 4, 3))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    scale = rng.uniform(0.93, 1.07) * rng.uniform(0.97, 1.03, 3)
+    mat = rz @ ry @ rx / scale[None, :]  # a bigger subject samples a smaller template region
+    offset = centre + rng.uniform(-3, 3, 3)
+    grids = (zs, rows, cols)
+    coords = _smooth_field(rng, grids, (4, 6, 6), 2.5, 3)  # non-linear x, y, z displacement in mm
+    log_bias = _smooth_field(rng, grids, (2, 3, 3), 0.12, 1)[0]
+    # The affine part is separable along columns, rows and slices: add it as three broadcasts.
+    for c in range(3):
+        coords[c] += (mat[c, 0] * cols).astype(np.float32)[None, None, :]
+        coords[c] += (mat[c, 1] * rows).astype(np.float32)[None, :, None]
+        coords[c] += (mat[c, 2] * zs + offset[c]).astype(np.float32)[:, None, None]
+    coords -= (pool - 1) / 2  # 1 mm voxel index -> index on the pooled grid
+    coords /= pool
+    t1 = ndimage.map_coordinates(maps["t1"], coords, order=1, output=np.float32, cval=0.0)
+    labels = ndimage.map_coordinates(maps["labels"], coords, order=0, output=np.uint8, cval=0)
+    gamma = np.exp(rng.uniform(-0.25, 0.25))
+    img = (np.clip(t1, 0, 255) * (1 / 255.0)) ** gamma * np.exp(log_bias)
+    inside = t1 >= 0.5 * floor
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.035)) * inside
+    top = np.percentile(img[inside], 99.5) if inside.any() else 1.0
+    img = np.clip(img * (255 * rng.uniform(0.9, 1.0) / top), 0, 255) * inside
+    seg = np.concatenate([[0], SEG_LEVELS])[labels].astype(np.uint8)
+    return np.round(img).astype(np.uint8), seg
+
+
+def _write_subject(job):
+    """Build one pseudo-subject and write its image and seg PNGs (runs in a worker process)."""
+    index, subject, split, out, size, seed = job
+    images, segs = _pseudo_subject(index, seed, size)
+    for z in range(len(images)):
+        # compress_level 1: written once, decoded as fast as level 6, ~3x quicker to write.
+        Image.fromarray(images[z]).save(out / OASIS_DIR.format(split) / f"case_{subject}_slice_{z}.nii.png", compress_level=1)
+        Image.fromarray(segs[z]).save(out / OASIS_SEG_DIR.format(split) / f"seg_{subject}_slice_{z}.nii.png", compress_level=1)
+    return split
+
+
+def build_demo(out, size=256, subjects=DEMO_SUBJECTS, seed=0, workers=None, progress=True):
+    """Write the embedded pseudo-cohort in the OASIS PNG layout under `out`; returns stats (with seconds)."""
+    start = time.perf_counter()
+    out = Path(out)
+    if size not in SIZES:
+        raise UserError(f"--size {size}: must be one of {', '.join(map(str, SIZES))}")
+    if subjects < 3:
+        raise UserError(f"--subjects {subjects}: need at least 3 (one per split)")
+    if out.exists() and _has_oasis_tree(out):
+        raise UserError(f"{out}: already holds keras_png_slices_* folders; remove them or choose another --out")
+    width = max(3, len(str(subjects)))
+    ids = [f"{i + 1:0{width}d}" for i in range(subjects)]
+    assignment = split_subjects(ids, seed)
+    for split in SPLITS:
+        (out / OASIS_DIR.format(split)).mkdir(parents=True, exist_ok=True)
+        (out / OASIS_SEG_DIR.format(split)).mkdir(parents=True, exist_ok=True)
+    _template(_pitch(size)[1])  # load in the parent: forked workers share it instead of each rebuilding it
+    jobs = [(i, sid, assignment[sid], out, size, seed) for i, sid in enumerate(ids)]
+    if workers is None:
+        # Forked workers start in milliseconds; below ~2 s of work one process is as quick.
+        workers = min(os.cpu_count() or 1, 4) if subjects * size * size >= 16 * 64 * 64 else 1
+    bar = dict(total=subjects, desc="build subjects", unit="subj", disable=None if progress else True, leave=False)
+    if workers > 1:
+        # fork shares the loaded template with the workers; elsewhere each worker loads its own copy.
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork") if fork else None) as ex:
+            done = list(tqdm(ex.map(_write_subject, jobs), **bar))
+    else:
+        done = [_write_subject(job) for job in tqdm(jobs, **bar)]
+    stats = {"out": str(out), "size": size, "subjects": subjects, "seed": seed, "slices_per_subject": 32,
+             "subjects_per_split": {s: done.count(s) for s in SPLITS}, "workers": workers,
+             "template": "MNI ICBM152 2009a sym (nilearn)", "seconds": round(time.perf_counter() - start, 2)}
+    (out / DEMO_STATS).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _batch_rate(slices, batch=128, seconds=0.3):
+    """Slices/s reached by taking random batches out of `tensors()` (index_select) and making them float."""
+    images, z = slices.tensors()
+    gen = torch.Generator().manual_seed(0)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        # index_select is ~10x faster than images[idx] (advanced indexing) on CPU.
+        to_float(images.index_select(0, idx)), z.index_select(0, idx)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def cmd_inspect(args):
+    """Print what a data folder holds and how fast it loads."""
+    kind, root = detect_layout(args.path)
+    print(f"layout: {kind}  (root: {root})")
+    problems = []
+    seg = {}
+    if kind == "oasis":
+        index, _ = _oasis_index(root)
+        seg = _oasis_seg_counts(root)
+        folders = {s: root / OASIS_DIR.format(s) for s in SPLITS}
+    elif kind == "nifti":
+        index = _nifti_index(root, args.seed)
+        folders = dict.fromkeys(SPLITS, root)
+    else:
+        index, _, folders = _folder_index(root, args.seed)
+    print("seg maps: " + (", ".join(f"{s} {n}" for s, n in seg.items()) if seg else "none"))
+    ok = []
+    for split in SPLITS:
+        try:
+            _require_split(index[split], split, folders[split])
+            ok.append(split)
+        except DataError as err:
+            problems.append(str(err))
+    start = time.perf_counter()
+    sets = load_splits(root, args.size, ok, args.num_slices, args.seed) if ok else {}
+    seconds = time.perf_counter() - start
+    print(f"{'split':<9} {'slices':>7} {'subjects':>9}  z-range")
+    for split, s in sets.items():
+        zr = f"{s.z.min()}..{s.z.max()}" if s.conditional else "unknown (-1): unconditional"
+        print(f"{split:<9} {len(s):>7} {len(set(s.subjects)):>9}  {zr}")
+    disk = Counter()
+    for s in sets.values():
+        disk.update(s.disk_sizes)
+    if disk:
+        print("on disk: " + ", ".join(f"{k} ({v})" for k, v in disk.most_common()))
+    if sets:
+        first = next(iter(sets.values()))
+        n = sum(len(s) for s in sets.values())
+        print(f"conditional: {first.conditional}  num_z: {first.num_z}")
+        print(f"loaded {n} slices at {args.size}x{args.size} in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} slices/s); "
+              f"batch indexing from tensors(): {_batch_rate(first):.0f} slices/s ({torch.get_num_threads()} torch threads)")
+        notes = list(dict.fromkeys(n for s in sets.values() for n in s.notes))
+        for note in notes[:12]:
+            print(f"note: {note}")
+        if len(notes) > 12:
+            print(f"note: ... and {len(notes) - 12} more")
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        raise DataError(problems[0]) if len(problems) == 1 else DataError(f"{problems[0]} (and {len(problems) - 1} more problems above)")
+    return 0
+
+
+def cmd_build_demo(args):
+    """Build the embedded pseudo-cohort and print its stats."""
+    stats = build_demo(args.out, args.size, args.subjects, args.seed, args.workers)
+    per = stats["subjects_per_split"]
+    print(f"wrote {stats['subjects']} subjects x 32 slices at {args.size}x{args.size} to {args.out} "
+          f"(train {per['train']}, validate {per['validate']}, test {per['test']}) in {stats['seconds']:.1f} s")
+    return 0
+
+
+def main(argv=None):
+    """Parse the command line and run a sub-command."""
+    parser = argparse.ArgumentParser(description="Brain MRI slice datasets: inspect a folder or build the embedded set.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show the layout, splits, sizes, notes and load speed of a data folder")
+    p.add_argument("path")
+    p.add_argument("--size", type=int, default=64, choices=SIZES)
+    p.add_argument("--num-slices", type=int, default=32, help="axial slices per NIfTI volume")
+    p.add_argument("--seed", type=int, default=0, help="subject split seed (NIfTI and plain folders)")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("build-demo", help="build the pseudo-cohort from the MNI template in the OASIS layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=256, choices=SIZES)
+    p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4 for big builds)")
+    p.set_defaults(func=cmd_build_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,576 @@
+"""Sample-quality metrics for generated slices, each reported beside the value that real slices get.
+
+`evaluate_samples(images, z, data_path)` (called by `stable_diffusion.py evaluate` and
+`pixelCNN.py evaluate`) returns a flat dict of floats:
+
+- swd, swd/level_<res>: sliced Wasserstein distance between Laplacian-pyramid patch descriptors of the
+  samples and of the real validate slices (Karras et al. 2018, appendix D), x1e3 as in the paper;
+  swd_real: the same for as many real *train* slices (at the same z-indices), i.e. what a perfect
+  generator would score with this many images.
+- diversity_ms_ssim: mean MS-SSIM over random pairs of samples that share a z-index (lower = more
+  diverse; 1.0 = mode collapse); diversity_ms_ssim_real: the same over real validate slices.
+- z_mae: mean |requested z - z predicted by a small CNN trained on real train slices|;
+  z_mae_real: that regressor's error on real validate slices. None (with z_mae_skipped) when the
+  data carry no z-index.
+- nn_l2, nn_l2_real: mean distance (per-pixel RMSE) from each sample / each validate slice to its
+  nearest training slice; nn_copy_fraction: fraction of samples closer to a training slice than
+  the 1st percentile of validate slices is (memorised copies score ~0 distance).
+- fid, fid_real: Frechet Inception distance where torchvision and its Inception v3 weights are
+  already on this machine (never downloaded); otherwise fid None and fid_skipped saying why.
+
+Commands (the real-vs-real baseline: real *test* slices scored as if they were samples):
+    python evaluation.py                                   # embedded dataset, 64x64
+    python evaluation.py --data /path/to/OASIS --size 128 --n 512 --out runs/baseline_128.json
+"""
+import argparse
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dataset
+import util
+from util import UserError
+
+CACHE_DIR = Path(__file__).resolve().parent / "runs" / "_cache"
+ZREG_VERSION = 1
+SWD_PATCH = 7  # neighbourhood size of the SWD descriptors (Karras et al.)
+SWD_MIN_RES = 16  # coarsest pyramid level
+NN_MAX_RES = 64  # nearest-neighbour search runs at most at 64x64 (area-downsampled)
+
+
+# ----------------------------------------------------------------------------------------------
+# Laplacian pyramid and sliced Wasserstein distance
+
+
+def _binomial_kernel(device=None):
+    """5x5 binomial (approximately Gaussian) low-pass filter, sum 1."""
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=device)
+    k = k[:, None] * k[None, :]
+    return (k / k.sum()).view(1, 1, 5, 5)
+
+
+def _blur(x, kernel):
+    """Per-channel 5x5 filter with reflected borders."""
+    c = x.shape[1]
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel.expand(c, 1, 5, 5), groups=c)
+
+
+def pyr_down(x):
+    """Blur, then keep every second pixel (one Gaussian-pyramid step)."""
+    return _blur(x, _binomial_kernel(x.device))[:, :, ::2, ::2]
+
+
+def pyr_up(x):
+    """Insert zeros between pixels, then blur with 4x the kernel (keeps the mean brightness)."""
+    n, c, h, w = x.shape
+    up = torch.zeros(n, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device)
+    up[:, :, ::2, ::2] = x
+    # Reflected padding of the zero-inserted image keeps the even/odd pattern at both borders.
+    return _blur(up, 4 * _binomial_kernel(x.device))
+
+
+def laplacian_pyramid(images, levels):
+    """[finest band-pass, ..., coarsest low-pass] with sizes H, H/2, ..., H/2^(levels-1)."""
+    pyramid, current = [], images.float()
+    for _ in range(levels - 1):
+        smaller = pyr_down(current)
+        pyramid.append(current - pyr_up(smaller))
+        current = smaller
+    pyramid.append(current)
+    return pyramid
+
+
+def reconstruct_laplacian(pyramid):
+    """Invert `laplacian_pyramid`: upsample from the coarsest level and add each band back."""
+    image = pyramid[-1]
+    for band in reversed(pyramid[:-1]):
+        image = pyr_up(image) + band
+    return image
+
+
+def swd_levels_for(size, min_res=SWD_MIN_RES):
+    """Pyramid resolutions used for an image size: size, size/2, ... down to min_res (at least one)."""
+    resolutions = [size]
+    while resolutions[-1] // 2 >= min_res:
+        resolutions.append(resolutions[-1] // 2)
+    return resolutions
+
+
+def patch_descriptors(images, patches_per_image=128, seed=0, min_res=SWD_MIN_RES):
+    """{res: [N * patches, C*7*7]} random 7x7 neighbourhoods of every pyramid level, normalised per channel.
+
+    Positions depend only on (seed, N, res), not on the pixels, so identical sets give identical
+    descriptors. Each set is normalised by its own per-channel mean and std, as in the paper.
+    """
+    resolutions = swd_levels_for(images.shape[-1], min_res)
+    pyramid = laplacian_pyramid(images, len(resolutions))
+    gen = torch.Generator().manual_seed(seed)
+    half = SWD_PATCH // 2
+    out = {}
+    for res, level in zip(resolutions, pyramid):
+        n, c, h, w = level.shape
+        ys = torch.randint(half, h - half, (n, patches_per_image), generator=gen)
+        xs = torch.randint(half, w - half, (n, patches_per_image), generator=gen)
+        offsets = torch.arange(-half, half + 1)
+        rows = (ys[..., None] + offsets)[..., :, None]  # [n, p, 7, 1]
+        cols = (xs[..., None] + offsets)[..., None, :]  # [n, p, 1, 7]
+        idx = torch.arange(n)[:, None, None, None]
+        desc = level.permute(0, 2, 3, 1)[idx, rows, cols]  # [n, p, 7, 7, c]
+        desc = desc.permute(0, 1, 4, 2, 3).reshape(n * patches_per_image, c, SWD_PATCH, SWD_PATCH)
+        mean = desc.mean(dim=(0, 2, 3), keepdim=True)
+        std = desc.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-8)
+        out[res] = ((desc - mean) / std).reshape(desc.shape[0], -1)
+    return out
+
+
+def _quantiles(sorted_values, n):
+    """Nearest-rank quantiles (n of them) along axis 1 of an already sorted [P, M] array."""
+    m = sorted_values.shape[1]
+    if m == n:
+        return sorted_values
+    idx = np.minimum(((np.arange(n) + 0.5) / n * m).astype(np.int64), m - 1)
+    return sorted_values[:, idx]
+
+
+def sliced_wasserstein(a, b, n_proj=512, seed=0, chunk=128):
+    """Sliced Wasserstein-1 distance between point sets a [Na, D] and b [Nb, D].
+
+    Mean over `n_proj` random unit directions of the 1-D Wasserstein distance of the projections
+    (sorted values matched rank to rank; at nearest-rank quantiles when Na != Nb).
+    """
+    a = torch.as_tensor(a).float().flatten(1).numpy()
+    b = torch.as_tensor(b).float().flatten(1).numpy()
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"descriptor sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_proj, a.shape[1], generator=gen)
+    dirs = (dirs / dirs.norm(dim=1, keepdim=True)).numpy()
+    n = min(len(a), len(b))
+    total = 0.0
+    for start in range(0, n_proj, chunk):
+        d = dirs[start:start + chunk]
+        # [P, N] rows sorted by numpy: several times faster than torch.sort on CPU.
+        pa = _quantiles(np.sort(d @ a.T, axis=1), n)
+        pb = _quantiles(np.sort(d @ b.T, axis=1), n)
+        total += float(np.abs(pa - pb).mean(axis=1, dtype=np.float64).sum())
+    return total / n_proj
+
+
+def swd(a, b, patches_per_image=128, n_proj=512, seed=0, min_res=SWD_MIN_RES):
+    """{'level_<res>': SWD x 1e3 per pyramid level, 'mean': their average} between image sets a and b."""
+    da = patch_descriptors(a, patches_per_image, seed, min_res)
+    db = patch_descriptors(b, patches_per_image, seed, min_res)
+    out = {f"level_{res}": sliced_wasserstein(da[res], db[res], n_proj, seed + res) * 1e3 for res in da}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Diversity (MS-SSIM between pairs) and nearest neighbours
+
+
+def random_pairs(n, pairs, seed=0, z=None):
+    """[pairs, 2] index pairs i != j; pairs share a z-index when `z` is given and allows it.
+
+    Slices at different positions differ by anatomy rather than by the model's variety, so with
+    z-indices we pair within a z-index (a random slice i with at least one same-z partner, then a
+    random partner j); without z, or where no z-index has two slices, pairs are drawn from all.
+    """
+    if n < 2:
+        raise ValueError("need at least two images to form pairs")
+    rng = np.random.default_rng(seed)
+    if z is not None:
+        z = np.asarray(z)
+        groups = {v: np.flatnonzero(z == v) for v in np.unique(z) if v >= 0}
+        groups = {v: idx for v, idx in groups.items() if len(idx) >= 2}
+        if groups:
+            members = np.concatenate(list(groups.values()))
+            first = rng.choice(members, size=pairs)
+            second = np.empty_like(first)
+            for k, i in enumerate(first):
+                partners = groups[z[i]]
+                partners = partners[partners != i]
+                second[k] = partners[rng.integers(len(partners))]
+            return np.stack([first, second], axis=1)
+    first = rng.integers(n, size=pairs)
+    second = (first + rng.integers(1, n, size=pairs)) % n  # uniform over j != i
+    return np.stack([first, second], axis=1)
+
+
+@torch.no_grad()
+def diversity(images, pairs=256, seed=0, z=None, batch_size=128):
+    """Mean MS-SSIM (util.ms_ssim) over random pairs of images; same-z pairs when `z` is given."""
+    images = images.float()
+    idx = torch.from_numpy(random_pairs(len(images), pairs, seed, z))
+    values = [util.ms_ssim(images[idx[s:s + batch_size, 0]], images[idx[s:s + batch_size, 1]])
+              for s in range(0, len(idx), batch_size)]
+    return torch.cat(values).mean().item()
+
+
+def _nn_resolution(images):
+    """Area-downsample to at most NN_MAX_RES pixels a side (a copy stays a copy)."""
+    images = images.float()
+    if images.shape[-1] > NN_MAX_RES:
+        images = F.adaptive_avg_pool2d(images, NN_MAX_RES)
+    return images
+
+
+@torch.no_grad()
+def nearest_neighbour_rmse(a, b, chunk=512):
+    """For each image of a: (per-pixel RMSE to its nearest image of b, index of that image), both [Na].
+
+    `b` may be uint8 (converted chunk by chunk, so a large training set is never held as floats).
+    """
+    a = _nn_resolution(a).flatten(1)
+    best = torch.full((len(a),), float("inf"))
+    best_idx = torch.zeros(len(a), dtype=torch.long)
+    for start in range(0, len(b), chunk):
+        part = b[start:start + chunk]
+        part = dataset.to_float(part) if part.dtype == torch.uint8 else part.float()
+        part = _nn_resolution(part).flatten(1)
+        dist, idx = torch.cdist(a, part).min(dim=1)
+        better = dist < best
+        best = torch.where(better, dist, best)
+        best_idx = torch.where(better, idx + start, best_idx)
+    return best / math.sqrt(a.shape[1]), best_idx
+
+
+def copy_fraction(sample_dist, real_dist, quantile=0.01):
+    """Fraction of samples at most as far from the training set as the closest 1% of real held-out slices."""
+    threshold = torch.quantile(real_dist.float(), quantile)
+    return (sample_dist <= threshold).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Slice-position regressor
+
+
+class ZRegressor(nn.Module):
+    """Small CNN: image (any size, area-resized to 32x32) -> z-index as a float in [0, num_z - 1]."""
+
+    def __init__(self, num_z, width=16):
+        super().__init__()
+        self.num_z = int(num_z)
+        self.width = int(width)
+        w = width
+        # Three stride-2 convs straight from 32x32: cheap enough to train in seconds on a CPU.
+        self.net = nn.Sequential(
+            nn.Conv2d(1, w, 3, stride=2, padding=1), nn.ReLU(),  # 16x16
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),  # 8x8
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),  # 4x4
+            nn.Flatten(), nn.Linear(4 * w * 16, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x):
+        """Predicted z as a float; the head regresses z / (num_z - 1)."""
+        x = F.adaptive_avg_pool2d(x.float(), 32)
+        return self.net(x).squeeze(1) * max(self.num_z - 1, 1)
+
+
+def _augment(x, gen):
+    """Random left-right flips, shifts of up to 2 px and gains of +-10%: the regressor must read anatomy,
+    not one subject's exact placement or brightness."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    gain = 1 + 0.1 * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)
+    return ((x + 1) * gain - 1).clamp(-1, 1)
+
+
+def train_z_regressor(images, z, num_z, steps=600, batch_size=64, lr=2e-3, seed=0):
+    """Fit a ZRegressor on images (uint8 or float in [-1, 1], [N, 1, H, W]) with known z >= 0."""
+    keep = z >= 0
+    if int(keep.sum()) < 2:
+        raise ValueError("need at least two slices with a known z-index to train the z regressor")
+    images, z = images[keep], z[keep].float()
+    # 32x32 is all the regressor looks at: downsample once instead of every step.
+    x_all = dataset.to_float(images) if images.dtype == torch.uint8 else images.float()
+    x_all = F.adaptive_avg_pool2d(x_all, 32)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = ZRegressor(num_z)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    scale = max(num_z - 1, 1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
+        pred = model(_augment(x_all[idx], gen))
+        loss = F.smooth_l1_loss(pred / scale, z[idx] / scale, beta=0.02)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_z(model, images, batch_size=256):
+    """Predicted z-indices (floats clamped to 0..num_z-1) for uint8 or float images."""
+    preds = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        x = dataset.to_float(x) if x.dtype == torch.uint8 else x.float()
+        preds.append(model(x))
+    return torch.cat(preds).clamp(0, model.num_z - 1)
+
+
+def z_mae(model, images, z):
+    """Mean |z - predicted z| over the images with a known z (>= 0)."""
+    keep = z >= 0
+    if not bool(keep.any()):
+        return None
+    return (predict_z(model, images[keep]) - z[keep].float()).abs().mean().item()
+
+
+def _fingerprint(images, z):
+    """Short hash of a split's pixels and z-indices: a cached regressor is reused only for the same data."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images.numpy()).tobytes())
+    h.update(np.ascontiguousarray(z.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def z_regressor_path(data_path, size, cache_dir=None):
+    """runs/_cache/zreg_<hash of resolved data path and size>.pt (or under `cache_dir`)."""
+    key = hashlib.sha256(f"{Path(data_path).resolve()}|{int(size)}|v{ZREG_VERSION}".encode()).hexdigest()[:16]
+    return Path(cache_dir or CACHE_DIR) / f"zreg_{key}.pt"
+
+
+def z_regressor_for(data_path, size, cache_dir=None, steps=600, verbose=True, train=None):
+    """The z regressor of a dataset at a size: loaded from the cache, or trained on its train split and cached.
+
+    `train` may pass the already loaded train SliceSet. Raises UserError for data without z-indices.
+    """
+    train = train if train is not None else dataset.load_split(data_path, "train", size=size)
+    if not train.conditional:
+        raise UserError(f"{data_path}: slices carry no z-index, so there is no z regressor to train")
+    images, z = train.tensors()
+    fingerprint = _fingerprint(images, z)
+    path = z_regressor_path(data_path, size, cache_dir)
+    cached = _load_regressor(path, fingerprint)
+    if cached is not None:
+        return cached
+    start = time.time()
+    model = train_z_regressor(images, z, train.num_z, steps=steps)
+    seconds = time.time() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    util.save_checkpoint({"kind": "zreg", "version": ZREG_VERSION, "num_z": train.num_z, "width": model.width,
+                          "size": int(size), "data": str(Path(data_path).resolve()), "fingerprint": fingerprint,
+                          "train_seconds": seconds, "model": model.state_dict()}, path)
+    if verbose:
+        print(f"z regressor: trained on {len(images)} train slices in {seconds:.1f} s, cached at {path}", flush=True)
+    return model
+
+
+def _load_regressor(path, fingerprint):
+    """A cached regressor for exactly this data, or None (missing, stale, corrupt: retrained)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("version") != ZREG_VERSION or state.get("fingerprint") != fingerprint:
+            return None
+        model = ZRegressor(state["num_z"], state["width"])
+        model.load_state_dict(state["model"])
+    except Exception:  # noqa: BLE001 - a broken cache file is rebuilt, never trusted
+        return None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# FID (only where Inception v3 weights are already on disk)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) between two Gaussians (float64 numpy)."""
+    from scipy import linalg
+
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
+    covmean = linalg.sqrtm(cov1 @ cov2)
+    if not np.isfinite(covmean).all():
+        # A near-singular product (few images, many features): regularise as Heusel et al.'s code does.
+        eps = np.eye(len(cov1)) * 1e-6
+        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def inception_model():
+    """(Inception v3 pool-feature model, None) from local weights, or (None, reason it is unavailable)."""
+    try:
+        import torchvision  # lazy: fails to import against some CPU torch builds
+    except Exception as err:  # noqa: BLE001 - any import failure means: no FID here
+        return None, f"torchvision cannot be imported ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    files = sorted(hub.glob("inception_v3_google-*.pth"))
+    if not files:
+        return None, f"no Inception v3 weights in {hub} (inception_v3_google-*.pth; nothing is downloaded)"
+    try:
+        model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
+        model.load_state_dict(torch.load(files[-1], map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001
+        return None, f"could not load {files[-1]} ({str(err).splitlines()[0][:120]})"
+    model.fc = nn.Identity()  # 2048-d pool features
+    return model.eval(), None
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=32):
+    """2048-d pool features of images in [-1, 1] (grey replicated to RGB, 299x299, ImageNet normalisation)."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    feats = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        x = dataset.to_float(x) if x.dtype == torch.uint8 else x.float()
+        x = F.interpolate((x + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+        feats.append(model((x - mean) / std).double())
+    return torch.cat(feats).numpy()
+
+
+def fid(model, a, b):
+    """FID between two image sets under `model`."""
+    fa, fb = inception_features(model, a), inception_features(model, b)
+    return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything together
+
+
+def _pick(n_total, n, rng):
+    """n random distinct indices of n_total (all of them, in order, when n >= n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(rng.choice(n_total, size=n, replace=False))
+
+
+def _matched_train(train_z, wanted_z, rng):
+    """One random train slice per requested z-index (any slice for z = -1 or a z the split lacks)."""
+    out = np.empty(len(wanted_z), dtype=np.int64)
+    for k, v in enumerate(wanted_z):
+        candidates = np.flatnonzero(train_z == v) if v >= 0 else np.empty(0, dtype=np.int64)
+        out[k] = rng.choice(candidates) if len(candidates) else rng.integers(len(train_z))
+    return out
+
+
+def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, pairs=256, swd_patches=128,
+                     swd_proj=512, verbose=True):
+    """Score samples [N, 1, H, W] in [-1, 1] generated for z-indices `z` [N] against the real data.
+
+    `data_path` is the dataset the models were trained on (None: the embedded set). `n_real` caps the
+    number of real validate slices used (default: all). See the module docstring for each key.
+    """
+    images = images.detach().float().cpu().clamp(-1, 1)
+    z = torch.as_tensor(z).long().cpu().reshape(-1)
+    if images.dim() != 4 or images.shape[1] != 1 or len(images) != len(z):
+        raise ValueError(f"expected images [N, 1, H, W] and z [N], got {tuple(images.shape)} and {tuple(z.shape)}")
+    if len(images) < 2:
+        raise UserError("evaluation needs at least two samples")
+    size = images.shape[-1]
+    root = dataset.ensure_dataset(data_path, size)
+    train = dataset.load_split(root, "train", size=size)
+    val = dataset.load_split(root, "validate", size=size)
+    train_u8, train_z = train.tensors()
+    val_u8, val_z = val.tensors()
+    rng = np.random.default_rng(seed)
+    ref = _pick(len(val_u8), n_real, rng)
+    val_f, val_z = dataset.to_float(val_u8[ref]), val_z[ref]
+    matched = _matched_train(train_z.numpy(), z.numpy(), rng)
+    train_f = dataset.to_float(train_u8[matched])
+    timings = {}
+    metrics = {"n_samples": len(images), "n_real_validate": len(val_f), "size": size, "data": str(root)}
+
+    t = time.time()
+    fake_swd = swd(images, val_f, swd_patches, swd_proj, seed)
+    real_swd = swd(train_f, val_f, swd_patches, swd_proj, seed)
+    metrics["swd"], metrics["swd_real"] = fake_swd.pop("mean"), real_swd.pop("mean")
+    metrics.update({f"swd/{k}": v for k, v in fake_swd.items()})
+    metrics.update({f"swd_real/{k}": v for k, v in real_swd.items()})
+    timings["swd"] = time.time() - t
+
+    t = time.time()
+    use_z = train.conditional
+    metrics["diversity_ms_ssim"] = diversity(images, pairs, seed, z.numpy() if use_z else None)
+    metrics["diversity_ms_ssim_real"] = diversity(val_f, pairs, seed, val_z.numpy() if use_z else None)
+    metrics["diversity_pairs"] = "same z-index" if use_z else "random"
+    timings["diversity"] = time.time() - t
+
+    t = time.time()
+    if use_z and bool((z >= 0).any()):
+        reg = z_regressor_for(root, size, cache_dir, verbose=verbose, train=train)
+        metrics["z_mae"] = z_mae(reg, images, z)
+        metrics["z_mae_real"] = z_mae(reg, val_f, val_z)
+    else:
+        metrics["z_mae"] = metrics["z_mae_real"] = None
+        metrics["z_mae_skipped"] = ("the dataset has no z-indices (unconditional)" if not use_z
+                                    else "the samples were generated without z-indices")
+    timings["z_regressor"] = time.time() - t
+
+    t = time.time()
+    fake_nn, _ = nearest_neighbour_rmse(images, train_u8)
+    real_nn, _ = nearest_neighbour_rmse(val_f, train_u8)
+    metrics["nn_l2"], metrics["nn_l2_real"] = fake_nn.mean().item(), real_nn.mean().item()
+    metrics["nn_copy_fraction"] = copy_fraction(fake_nn, real_nn)
+    timings["nearest_neighbour"] = time.time() - t
+
+    t = time.time()
+    model, why = inception_model()
+    if model is None:
+        metrics["fid"] = metrics["fid_real"] = None
+        metrics["fid_skipped"] = why
+    else:
+        metrics["fid"], metrics["fid_real"] = fid(model, images, val_f), fid(model, train_f, val_f)
+    timings["fid"] = time.time() - t
+    metrics.update({f"seconds/{k}": v for k, v in timings.items()})
+    return metrics
+
+
+def report(metrics, out=None):
+    """Print the metrics as indented JSON; also write them to `out` when given."""
+    import json
+
+    print(json.dumps(metrics, indent=2, sort_keys=False, default=str))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        util.save_json(metrics, out)
+        print(f"wrote {out}")
+
+
+def parse_args(argv):
+    """The real-vs-real baseline command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="dataset root (default: the embedded set, built once)")
+    p.add_argument("--size", type=int, choices=list(dataset.SIZES), default=64, help="image size")
+    p.add_argument("--n", type=int, default=256, help="real test slices scored as if they were samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets, pairs, patches and projections")
+    p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """Score real test slices as samples: the values a perfect generator would reach."""
+    args = parse_args(argv)
+    if args.n < 2:
+        raise UserError(f"--n {args.n}: need at least 2 slices")
+    root = dataset.ensure_dataset(args.data, args.size)
+    test = dataset.load_split(root, "test", size=args.size)
+    images, z = test.tensors()
+    pick = _pick(len(images), args.n, np.random.default_rng(args.seed + 1))
+    metrics = evaluate_samples(dataset.to_float(images[pick]), z[pick], root, seed=args.seed)
+    metrics["samples"] = f"{len(pick)} real test slices"
+    report(metrics, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    util.run_cli(main)

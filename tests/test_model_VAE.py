@@ -1,0 +1,409 @@
+"""Tests for model_VAE: shapes, the Gaussian posterior, vector quantisation (losses, straight-through
+gradient, EMA arithmetic, dead-code restarts, statistics, DDP replicas) and the config factory."""
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributions import Normal, kl_divergence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds contention on shared CPUs
+
+
+def tiny(cls, resolution=32, ch_mult=(1, 2), **extra):
+    """A very small autoencoder for fast CPU tests."""
+    config = dict(resolution=resolution, ch=8, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=[resolution // 2],
+                  z_channels=4, conditional=False)
+    if cls is VQVAE:
+        config.update(n_embed=16, embed_dim=3)
+    config.update(extra)
+    torch.manual_seed(0)
+    return cls(**config)
+
+
+SHAPE_CASES = [(32, (1, 2), False), (32, (1, 2), True), (64, (1, 2, 2), False), (64, (1, 2, 2), True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE
+
+
+@pytest.mark.parametrize("resolution,ch_mult,conditional", SHAPE_CASES)
+def test_vae_shapes(resolution, ch_mult, conditional):
+    model = tiny(VAE, resolution, ch_mult, conditional=conditional)
+    x = torch.randn(3, 1, resolution, resolution)
+    z = torch.tensor([0, 31, -1])
+    side = resolution // 2 ** (len(ch_mult) - 1)
+    assert model.latent_shape == (4, side, side)
+    posterior = model.encode(x, z)
+    assert posterior.mean.shape == posterior.logvar.shape == (3, 4, side, side)
+    assert posterior.sample().shape == (3, 4, side, side)
+    out = model(x, z)
+    assert out["recon"].shape == x.shape
+    assert out["kl"].shape == (3,)
+    assert out["latent"].shape == (3, 4, side, side)
+    assert model.decode(out["latent"], z).shape == x.shape
+    assert model.sample(2, torch.tensor([5, -1])).shape == (2, 1, resolution, resolution)
+    assert torch.equal(model.encode_latent(x, z), posterior.mean)
+    assert model.last_layer is model.decoder.conv_out.weight
+
+
+@pytest.mark.parametrize("resolution,ch_mult", [(128, (1, 2, 2)), (256, (1, 1, 2, 2))])
+def test_large_resolutions(resolution, ch_mult):
+    for cls in (VAE, VQVAE):
+        model = tiny(cls, resolution, ch_mult, attn_resolutions=[], conditional=True)
+        x = torch.randn(1, 1, resolution, resolution)
+        with torch.no_grad():
+            out = model(x, torch.tensor([7]))
+        assert out["recon"].shape == x.shape
+        side = resolution // 2 ** (len(ch_mult) - 1)
+        assert model.latent_shape[1:] == (side, side)
+
+
+def test_vae_kl_matches_torch_distributions():
+    torch.manual_seed(1)
+    moments = torch.randn(4, 6, 5, 5)
+    posterior = DiagonalGaussian(moments)
+    mean, logvar = moments.chunk(2, dim=1)
+    expected = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).flatten(1).sum(1)
+    assert posterior.kl().shape == (4,)
+    torch.testing.assert_close(posterior.kl(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(posterior.std, torch.exp(0.5 * logvar))
+
+
+def test_vae_kl_zero_for_standard_normal_posterior():
+    posterior = DiagonalGaussian(torch.zeros(2, 8, 3, 3))
+    torch.testing.assert_close(posterior.kl(), torch.zeros(2))
+
+
+def test_logvar_is_clamped():
+    mean = torch.zeros(1, 2, 2, 2)
+    logvar = torch.tensor([-100.0, -5.0, 0.0, 100.0]).view(1, 2, 2, 1).expand(1, 2, 2, 2)
+    posterior = DiagonalGaussian(torch.cat([mean, logvar], dim=1), logvar_min=-30.0, logvar_max=20.0)
+    assert posterior.logvar.min().item() == -30.0
+    assert posterior.logvar.max().item() == 20.0
+    assert torch.equal(posterior.logvar[0, 0, 1], torch.full((2,), -5.0))
+    assert torch.isfinite(posterior.kl()).all()
+
+
+def test_model_uses_configured_logvar_bounds():
+    model = tiny(VAE, logvar_min=-2.0, logvar_max=1.0)
+    with torch.no_grad():
+        model.encoder.conv_out.bias[4:] = 50.0  # push every log-variance far above the bound
+    posterior = model.encode(torch.randn(2, 1, 32, 32))
+    assert posterior.logvar.max().item() == 1.0
+
+
+def test_reparameterised_sample_gradients_and_generator():
+    mean = torch.randn(2, 3, 4, 4, requires_grad=True)
+    logvar = torch.randn(2, 3, 4, 4, requires_grad=True)
+    posterior = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    sample = posterior.sample(torch.Generator().manual_seed(5))
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sample, mean + torch.exp(0.5 * logvar) * eps)
+    sample.sum().backward()
+    torch.testing.assert_close(mean.grad, torch.ones_like(mean))
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)
+
+
+def test_vae_forward_deterministic_without_sampling():
+    model = tiny(VAE).eval()
+    x = torch.randn(2, 1, 32, 32)
+    a, b = model(x, sample_posterior=False), model(x, sample_posterior=False)
+    assert torch.equal(a["recon"], b["recon"])
+    assert torch.equal(a["latent"], model.encode(x).mean)
+
+
+def test_condition_changes_output_only_when_conditional():
+    x = torch.randn(2, 1, 32, 32)
+    # ch=32 so that GroupNorm groups hold several channels: module.ResBlock adds the condition before a
+    # GroupNorm, which cancels it completely where every group is a single channel (width <= 32)
+    cond_model = tiny(VAE, conditional=True, ch=32).eval()
+    uncond_model = tiny(VAE, conditional=False, ch=32).eval()
+    with torch.no_grad():
+        a = cond_model(x, torch.tensor([0, 3]), sample_posterior=False)["recon"]
+        b = cond_model(x, torch.tensor([20, -1]), sample_posterior=False)["recon"]
+        unknown = cond_model(x, torch.tensor([-1, -1]), sample_posterior=False)["recon"]
+        as_none = cond_model(x, None, sample_posterior=False)["recon"]
+        c = uncond_model(x, torch.tensor([0, 3]), sample_posterior=False)["recon"]
+        d = uncond_model(x, None, sample_posterior=False)["recon"]
+    assert (a - b).abs().max() > 1e-4
+    assert torch.equal(unknown, as_none)
+    assert torch.equal(c, d)
+
+
+def test_every_resblock_receives_condition():
+    model = tiny(VAE, conditional=True)
+    resblocks = [m for m in model.modules() if m.__class__.__name__ == "ResBlock"]
+    assert resblocks and all(m.cond_proj is not None for m in resblocks)
+    assert model.z_embed.null is not None  # one shared embedding with a null token for index -1
+
+
+# ----------------------------------------------------------------------------------------------
+# VQ-VAE model
+
+
+@pytest.mark.parametrize("resolution,ch_mult,conditional", SHAPE_CASES)
+def test_vqvae_shapes(resolution, ch_mult, conditional):
+    model = tiny(VQVAE, resolution, ch_mult, conditional=conditional).eval()
+    x = torch.randn(2, 1, resolution, resolution)
+    z = torch.tensor([4, -1])
+    side = resolution // 2 ** (len(ch_mult) - 1)
+    assert model.latent_shape == (3, side, side)
+    assert model.n_embed == 16
+    quantized, indices, losses, stats = model.encode(x, z)
+    assert quantized.shape == (2, 3, side, side)
+    assert indices.shape == (2, side, side) and indices.dtype == torch.long
+    assert set(losses) == {"codebook", "commit"} and set(stats) == {"perplexity", "usage"}
+    out = model(x, z)
+    assert out["recon"].shape == x.shape
+    assert out["vq_loss"].dim() == 0
+    assert torch.equal(out["indices"], indices)
+    assert torch.equal(model.encode_indices(x, z), indices)
+    codes = model.quantizer.codebook[indices].permute(0, 3, 1, 2)
+    assert torch.equal(model.encode_latent(x, z), codes)  # stage two sees the exact code vectors
+    torch.testing.assert_close(quantized, codes)  # equal up to the straight-through rounding
+    torch.testing.assert_close(model.decode_indices(indices, z), model.decode(codes, z))
+
+
+def test_vqvae_vq_loss_is_codebook_plus_beta_commit():
+    model = tiny(VQVAE, beta=0.4).eval()
+    x = torch.randn(2, 1, 32, 32)
+    _, _, losses, _ = model.encode(x)
+    out = model(x)
+    torch.testing.assert_close(out["vq_loss"], losses["codebook"] + 0.4 * losses["commit"])
+    assert losses["codebook"] > 0
+
+
+def test_vqvae_trains_encoder_and_codebook():
+    model = tiny(VQVAE, restart_dead=False)
+    x = torch.randn(2, 1, 32, 32)
+    out = model(x)
+    (out["recon"].pow(2).mean() + out["vq_loss"]).backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # reached through the straight-through path
+    assert model.quantizer.codebook.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Vector quantizer
+
+
+def brute_force_nearest(flat, codebook):
+    """Index of the closest code by an explicit [N, K, D] squared-difference tensor."""
+    return ((flat[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+def to_flat(z_e):
+    return z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+
+
+def test_nearest_code_matches_brute_force():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(64, 5, restart_dead=False).eval()
+    with torch.no_grad():
+        vq.codebook.normal_()
+    z_e = torch.randn(3, 5, 6, 7)
+    quantized, indices, _, _ = vq(z_e)
+    expected = brute_force_nearest(to_flat(z_e), vq.codebook.detach()).view(3, 6, 7)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(quantized, vq.codebook.detach()[expected].permute(0, 3, 1, 2))
+
+
+def test_straight_through_gradient():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, restart_dead=False).eval()
+    z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+    target = torch.randn(2, 4, 3, 3)
+
+    def downstream(q):  # stands in for decoder + reconstruction loss (non-linear on purpose)
+        return ((torch.tanh(q) - target) ** 2).sum()
+
+    quantized, _, _, _ = vq(z_e)
+    downstream(quantized).backward()
+    codes = quantized.detach().clone().requires_grad_(True)
+    downstream(codes).backward()
+    torch.testing.assert_close(z_e.grad, codes.grad)
+    torch.testing.assert_close(quantized.detach(), codes.detach())
+
+
+def test_codebook_and_commitment_losses_by_hand():
+    vq = VectorQuantizer(2, 2, beta=0.25, restart_dead=False).eval()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    # vectors (0.1, 0.2) -> code 0, (0.9, 1.3) -> code 1; as [B=1, D=2, h=1, w=2]
+    z_e = torch.tensor([[0.1, 0.2], [0.9, 1.3]]).t().reshape(1, 2, 1, 2).requires_grad_(True)
+    _, indices, losses, _ = vq(z_e)
+    assert indices.flatten().tolist() == [0, 1]
+    squared = (0.1**2 + 0.2**2 + 0.1**2 + 0.3**2) / 4  # mean over the 4 elements
+    assert losses["codebook"].item() == pytest.approx(squared, rel=1e-5)
+    assert losses["commit"].item() == pytest.approx(squared, rel=1e-5)
+    # the codebook loss moves only the codes, the commitment loss only the encoder output
+    losses["codebook"].backward(retain_graph=True)
+    assert z_e.grad is None and vq.codebook.grad.abs().sum() > 0
+    losses["commit"].backward()
+    assert z_e.grad.abs().sum() > 0
+
+
+def test_ema_mode_drops_codebook_loss_and_codebook_is_a_buffer():
+    vq = VectorQuantizer(4, 2, ema=True, restart_dead=False)
+    _, _, losses, _ = vq(torch.randn(1, 2, 3, 3))
+    assert losses["codebook"].item() == 0.0
+    assert losses["commit"].item() > 0.0
+    assert "codebook" not in dict(vq.named_parameters())
+    assert "codebook" in dict(vq.named_buffers())
+
+
+def test_ema_update_arithmetic():
+    decay, eps = 0.9, 1e-5
+    vq = VectorQuantizer(3, 2, ema=True, ema_decay=decay, restart_dead=False, laplace_eps=eps).train()
+    codebook = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, -10.0]])
+    sizes = torch.tensor([2.0, 1.0, 0.5])
+    embed_sum = codebook * sizes[:, None]
+    vq.codebook.copy_(codebook)
+    vq.cluster_size.copy_(sizes)
+    vq.embed_sum.copy_(embed_sum)
+    vectors = torch.tensor([[0.4, 0.2], [0.2, 0.0], [1.6, 2.6], [0.0, 0.4]])  # codes 0, 0, 1, 0; code 2 unused
+    vq(vectors.t().reshape(1, 2, 2, 2))
+
+    # independent computation: EMA of counts and sums, Laplace smoothing, then their ratio
+    counts = torch.tensor([3.0, 1.0, 0.0])
+    sums = torch.stack([vectors[[0, 1, 3]].sum(0), vectors[2], torch.zeros(2)])
+    new_sizes = decay * sizes + (1 - decay) * counts
+    new_sum = decay * embed_sum + (1 - decay) * sums
+    total = new_sizes.sum()
+    smoothed = (new_sizes + eps) / (total + 3 * eps) * total
+    expected = new_sum / smoothed[:, None]
+    torch.testing.assert_close(vq.cluster_size, new_sizes)
+    torch.testing.assert_close(vq.embed_sum, new_sum)
+    torch.testing.assert_close(vq.codebook, expected)
+    # used codes moved toward the mean of their assigned vectors
+    means = torch.stack([vectors[[0, 1, 3]].mean(0), vectors[2]])
+    for k in range(2):
+        assert (vq.codebook[k] - means[k]).norm() < (codebook[k] - means[k]).norm()
+
+
+def test_ema_update_only_in_training_mode():
+    vq = VectorQuantizer(4, 2, ema=True, restart_dead=True, dead_threshold=10.0).eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(2, 2, 3, 3))
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_dead_codes_restart_from_encoder_outputs():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(6, 3, ema=False, restart_dead=True, dead_threshold=0.5).train()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.arange(18.0).view(6, 3) * 100)  # far from the data
+    vq.cluster_size.copy_(torch.tensor([5.0, 5.0, 0.1, 5.0, 0.2, 5.0]))
+    z_e = torch.randn(2, 3, 4, 4)
+    before = vq.codebook.detach().clone()
+    vq(z_e)
+    flat = to_flat(z_e)
+    for k in (2, 4):  # dead: replaced by one of this batch's encoder outputs, usage reset to one observation
+        assert ((flat - vq.codebook[k].detach()).abs().max(dim=1).values < 1e-6).any()
+        assert vq.cluster_size[k].item() == pytest.approx(1.0)
+    for k in (0, 1, 3, 5):  # alive: untouched by the restart
+        assert torch.equal(vq.codebook[k].detach(), before[k])
+
+
+def test_dead_code_restart_is_deterministic_under_torch_seed():
+    def restarted():
+        torch.manual_seed(3)
+        vq = VectorQuantizer(8, 2, ema=True, restart_dead=True, dead_threshold=2.0).train()
+        z_e = torch.randn(1, 2, 4, 4)
+        vq(z_e)
+        return vq.codebook.clone()
+
+    assert torch.equal(restarted(), restarted())
+
+
+def test_perplexity_and_usage_by_hand():
+    vq = VectorQuantizer(4, 1, restart_dead=False).eval()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0], [1.0], [2.0], [3.0]]))
+    values = torch.tensor([0.0, 0.1, -0.1, 1.05, 0.9, 2.1])  # codes 0,0,0,1,1,2; code 3 unused
+    _, indices, _, stats = vq(values.view(1, 1, 2, 3))
+    assert indices.flatten().tolist() == [0, 0, 0, 1, 1, 2]
+    probs = [3 / 6, 2 / 6, 1 / 6]
+    assert stats["perplexity"].item() == pytest.approx(math.exp(-sum(p * math.log(p) for p in probs)), rel=1e-5)
+    assert stats["usage"].item() == pytest.approx(3 / 4)
+
+
+def _ddp_worker(rank, world_size, init_file, batches, result_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    torch.manual_seed(rank)  # different RNG streams: restarts must still agree through the broadcast
+    vq = VectorQuantizer(5, 2, ema=True, ema_decay=0.8, restart_dead=True, dead_threshold=0.95)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.arange(10.0).view(5, 2) / 5)
+        vq.embed_sum.copy_(vq.codebook)
+    vq.train()(batches[rank])
+    torch.save({k: v.clone() for k, v in vq.state_dict().items()}, os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ema_statistics_all_reduced_across_processes(tmp_path):
+    torch.manual_seed(0)
+    batches = [torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3) + 1.0]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batches, str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    # the replicas' EMA statistics equal those of one process seeing both batches
+    single = VectorQuantizer(5, 2, ema=True, ema_decay=0.8, restart_dead=False)
+    with torch.no_grad():
+        single.codebook.copy_(torch.arange(10.0).view(5, 2) / 5)
+        single.embed_sum.copy_(single.codebook)
+    single.train()(torch.cat(batches, dim=0))
+    alive = single.cluster_size >= 0.95
+    torch.testing.assert_close(states[0]["cluster_size"][alive], single.cluster_size[alive])
+    torch.testing.assert_close(states[0]["codebook"][alive], single.codebook[alive])
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory and config
+
+
+def test_build_autoencoder_round_trip():
+    for cls in (VAE, VQVAE):
+        model = tiny(cls, conditional=True)
+        rebuilt = build_autoencoder(model.kind, model.config)
+        assert type(rebuilt) is cls
+        rebuilt.load_state_dict(model.state_dict())
+        assert rebuilt.config == model.config
+
+
+def test_config_is_json_serialisable():
+    import json
+
+    for cls in (VAE, VQVAE):
+        config = tiny(cls).config
+        assert json.loads(json.dumps(config)) == config
+
+
+def test_build_autoencoder_rejects_bad_input():
+    config = tiny(VAE).config
+    with pytest.raises(ValueError, match="unknown autoencoder type 'gan'"):
+        build_autoencoder("gan", config)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_embed'\]"):
+        build_autoencoder("vae", {**config, "n_embed": 8})
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['resolution'\]"):
+        build_autoencoder("vae", {k: v for k, v in config.items() if k != "resolution"})
+    with pytest.raises(ValueError, match="not divisible"):
+        build_autoencoder("vae", {**config, "resolution": 34, "ch_mult": [1, 2, 4]})
+
+
+def test_input_validation():
+    model = tiny(VAE)
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="not divisible"):
+        model(torch.randn(1, 1, 33, 32))

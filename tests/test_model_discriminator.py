@@ -1,0 +1,276 @@
+"""Tests for model_discriminator: PatchGAN shapes and conditioning, GAN losses, the adaptive GAN weight
+and the perceptual-loss builder (LPIPS-style path with a stand-in torchvision, MS-SSIM fallback)."""
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import model_discriminator as md  # noqa: E402
+from model_discriminator import (  # noqa: E402
+    MSSSIMLoss, PatchDiscriminator, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
+    generator_loss, hinge_d_loss, nonsaturating_d_loss)
+from util import UserError, ms_ssim  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds contention on shared CPUs
+
+
+# ----------------------------------------------------------------------------------------------
+# PatchGAN
+
+
+@pytest.mark.parametrize("size,n_layers", [(32, 3), (64, 3), (64, 2)])
+def test_patch_discriminator_shape(size, n_layers):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(in_channels=1, ch=8, n_layers=n_layers)
+    logits = disc(torch.randn(2, 1, size, size))
+    # n_layers stride-2 4x4 convs halve the size; the two stride-1 4x4 convs (padding 1) each remove one pixel
+    side = size // 2**n_layers - 2
+    assert logits.shape == (2, 1, side, side)
+
+
+def test_discriminator_condition_changes_output():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(ch=8, conditional=True).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        a = disc(x, torch.tensor([0, 10]))
+        b = disc(x, torch.tensor([25, 10]))
+        unknown = disc(x, torch.tensor([-1, -1]))
+        as_none = disc(x, None)
+    assert (a[0] - b[0]).abs().max() > 1e-3  # different z, different judgement
+    torch.testing.assert_close(a[1], b[1])  # same z, same judgement (per-sample, no batch coupling)
+    assert torch.equal(unknown, as_none)
+    assert (unknown - a).abs().max() > 1e-3  # -1 is the learned null token, not slice 0
+
+
+def test_unconditional_discriminator_ignores_z():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(ch=8, conditional=False)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(disc(x, torch.tensor([0, 1])), disc(x, None))
+
+
+def test_discriminator_is_per_sample():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(ch=8, conditional=True).train()
+    x = torch.randn(3, 1, 32, 32)
+    z = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(disc(x, z)[:1], disc(x[:1], z[:1]))  # GroupNorm: no batch statistics
+
+
+# ----------------------------------------------------------------------------------------------
+# GAN losses
+
+
+REAL = torch.tensor([2.0, 0.5, -1.0])
+FAKE = torch.tensor([-2.0, 0.0, 1.5])
+
+
+def test_hinge_d_loss_by_hand():
+    real_term = (0.0 + 0.5 + 2.0) / 3  # relu(1 - real)
+    fake_term = (0.0 + 1.0 + 2.5) / 3  # relu(1 + fake)
+    assert hinge_d_loss(REAL, FAKE).item() == pytest.approx(0.5 * (real_term + fake_term))
+
+
+def test_nonsaturating_d_loss_by_hand():
+    def softplus(v):
+        return torch.log1p(torch.exp(torch.tensor(v))).item()
+
+    real_term = sum(softplus(-v) for v in REAL.tolist()) / 3
+    fake_term = sum(softplus(v) for v in FAKE.tolist()) / 3
+    assert nonsaturating_d_loss(REAL, FAKE).item() == pytest.approx(0.5 * (real_term + fake_term), rel=1e-6)
+
+
+def test_generator_losses_by_hand():
+    assert generator_loss(FAKE, "hinge").item() == pytest.approx(-(-2.0 + 0.0 + 1.5) / 3)
+    expected = sum(torch.log1p(torch.exp(-torch.tensor(v))).item() for v in FAKE.tolist()) / 3
+    assert generator_loss(FAKE, "nonsat").item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown GAN loss"):
+        generator_loss(FAKE, "wgan")
+
+
+def test_d_loss_dispatch():
+    assert d_loss("hinge", REAL, FAKE).item() == hinge_d_loss(REAL, FAKE).item()
+    assert d_loss("nonsat", REAL, FAKE).item() == nonsaturating_d_loss(REAL, FAKE).item()
+    with pytest.raises(ValueError, match="unknown GAN loss"):
+        d_loss("lsgan", REAL, FAKE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive GAN weight
+
+
+def linear_setup(g_scale):
+    """W [2, 3]; rec = sum((W a - t)^2), g = -g_scale * sum(W b): gradients known in closed form."""
+    torch.manual_seed(0)
+    weight = torch.randn(2, 3, requires_grad=True)
+    a, b, t = torch.randn(3), torch.randn(3), torch.randn(2)
+    rec = ((weight @ a - t) ** 2).sum()
+    g = -g_scale * (weight @ b).sum()
+    rec_grad = 2 * torch.outer(weight.detach() @ a - t, a)
+    g_grad = -g_scale * torch.outer(torch.ones(2), b)
+    return weight, rec, g, rec_grad, g_grad
+
+
+def test_adaptive_weight_matches_manual_gradient_norms():
+    weight, rec, g, rec_grad, g_grad = linear_setup(g_scale=0.7)
+    value = adaptive_gan_weight(rec, g, weight, eps=1e-4)
+    expected = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    torch.testing.assert_close(value, expected)
+    assert not value.requires_grad
+    rec.backward()  # the graph was retained for the generator's own backward pass
+    torch.testing.assert_close(weight.grad, rec_grad)
+
+
+def test_adaptive_weight_is_clamped():
+    weight, rec, g, rec_grad, _ = linear_setup(g_scale=1e-9)
+    assert rec_grad.norm() / 1e-4 > 50.0  # unclamped ratio would exceed the limit below
+    assert adaptive_gan_weight(rec, g, weight, max_weight=50.0).item() == 50.0
+
+
+def test_adaptive_weight_uses_decoder_last_layer():
+    from model_VAE import VAE
+
+    torch.manual_seed(0)
+    model = VAE(32, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+    disc = PatchDiscriminator(ch=8)
+    x = torch.randn(2, 1, 32, 32)
+    recon = model(x)["recon"]
+    value = adaptive_gan_weight((recon - x).abs().mean(), generator_loss(disc(recon)), model.last_layer)
+    assert value.dim() == 0 and torch.isfinite(value) and 0 < value.item() <= 1e4
+
+
+# ----------------------------------------------------------------------------------------------
+# Perceptual losses
+
+
+def block_torchvision(monkeypatch):
+    """Make `import torchvision` fail whatever is installed."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+
+
+def test_msssim_loss_zero_for_identical_and_positive_otherwise():
+    torch.manual_seed(0)
+    loss, description = build_perceptual_loss("msssim")
+    assert isinstance(loss, MSSSIMLoss) and "MS-SSIM" in description
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    same = loss(x, x.clone())
+    assert same.shape == (3,)
+    torch.testing.assert_close(same, torch.zeros(3), atol=1e-5, rtol=0)
+    noisy = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    different = loss(x, noisy)
+    assert (different > 0.01).all()
+    torch.testing.assert_close(different, 1 - ms_ssim(x, noisy))
+
+
+def test_none_and_unknown_kinds():
+    assert build_perceptual_loss("none") == (None, "perceptual: none")
+    with pytest.raises(ValueError, match="unknown perceptual loss"):
+        build_perceptual_loss("vgg19")
+
+
+def test_auto_falls_back_to_msssim_without_torchvision(monkeypatch):
+    block_torchvision(monkeypatch)
+    loss, description = build_perceptual_loss("auto")
+    assert isinstance(loss, MSSSIMLoss)
+    assert description.startswith("perceptual: MS-SSIM (LPIPS unavailable: torchvision import failed")
+
+
+def test_auto_in_this_environment_reports_what_it_used():
+    loss, description = build_perceptual_loss("auto")
+    if isinstance(loss, VGGFeatureDistance):
+        assert "LPIPS-style" in description and "calibration" in description
+    else:
+        assert isinstance(loss, MSSSIMLoss) and "LPIPS unavailable: " in description
+
+
+def test_explicit_lpips_without_torchvision_is_a_clear_error(monkeypatch):
+    block_torchvision(monkeypatch)
+    with pytest.raises(UserError, match="perceptual loss 'lpips' unavailable: torchvision import failed"):
+        build_perceptual_loss("lpips")
+
+
+def tiny_vgg_features():
+    """A VGG-shaped feature stack (conv-ReLU(inplace)-pool) small enough for a test."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+
+def fake_torchvision(monkeypatch, tmp_path, save_weights=True):
+    """Install a stand-in torchvision whose vgg16() is `tiny_vgg_features`, with weights in a temporary hub cache."""
+    torch.manual_seed(0)
+    reference = tiny_vgg_features()
+
+    def vgg16(weights=None):
+        assert weights is None  # never ask torchvision to fetch weights
+        net = nn.Module()
+        net.features = tiny_vgg_features()
+        return net
+
+    module = types.ModuleType("torchvision")
+    module.models = types.SimpleNamespace(vgg16=vgg16)
+    monkeypatch.setitem(sys.modules, "torchvision", module)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    if save_weights:
+        (tmp_path / "checkpoints").mkdir()
+        state = {f"features.{key}": value for key, value in reference.state_dict().items()}
+        torch.save(state, tmp_path / "checkpoints" / md.VGG16_WEIGHTS_FILE)
+    return reference
+
+
+def manual_lpips_like(features, x, y):
+    """Independent computation: taps after ReLU #2 and #3 of `tiny_vgg_features`, unit-normalised."""
+    mean = torch.tensor(md.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(md.IMAGENET_STD).view(1, 3, 1, 1)
+
+    def taps(img):
+        h = ((img.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std
+        h = F.relu(features[0](h))
+        first = F.relu(features[2](h))
+        second = F.relu(features[5](F.max_pool2d(first, 2)))
+        return [f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for f in (first, second)]
+
+    per_layer = [((a - b) ** 2).sum(1).mean((1, 2)) for a, b in zip(taps(x), taps(y))]
+    return (per_layer[0] + per_layer[1]) / 2
+
+
+def test_lpips_path_with_cached_weights(monkeypatch, tmp_path):
+    reference = fake_torchvision(monkeypatch, tmp_path)
+    loss, description = build_perceptual_loss("lpips")
+    assert isinstance(loss, VGGFeatureDistance)
+    assert "calibration weights are not available offline" in description and str(tmp_path) in description
+    torch.manual_seed(1)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    y = (torch.rand(2, 1, 16, 16) * 2 - 1).requires_grad_(True)
+    value = loss(x, y)
+    assert value.shape == (2,)
+    with torch.no_grad():
+        torch.testing.assert_close(value, manual_lpips_like(reference, x, y))
+    torch.testing.assert_close(loss(x, x.clone()), torch.zeros(2))
+    value.sum().backward()
+    assert y.grad.abs().sum() > 0  # gradients reach the reconstruction ...
+    assert all(p.grad is None and not p.requires_grad for p in loss.parameters())  # ... not the frozen VGG
+    loss.train()
+    assert not loss.features.training
+
+
+def test_auto_picks_lpips_when_available(monkeypatch, tmp_path):
+    fake_torchvision(monkeypatch, tmp_path)
+    loss, description = build_perceptual_loss("auto")
+    assert isinstance(loss, VGGFeatureDistance) and description.startswith("perceptual: LPIPS-style")
+
+
+def test_missing_weights_fall_back_without_downloading(monkeypatch, tmp_path):
+    fake_torchvision(monkeypatch, tmp_path, save_weights=False)
+    loss, description = build_perceptual_loss("auto")
+    assert isinstance(loss, MSSSIMLoss)
+    assert "not in the local torch hub cache" in description and "nothing is downloaded" in description
+    with pytest.raises(UserError, match="not in the local torch hub cache"):
+        build_perceptual_loss("lpips")

@@ -1,0 +1,134 @@
+"""prestage_train.py end to end on tiny data: training lowers the loss, resume is exact, eval-only,
+DDP with gloo, and every bad input gives one clear line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prestage_train
+import util
+from util import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*argv):
+    return prestage_train.main([str(a) for a in argv])
+
+
+def _cli(*argv, env=None):
+    """Run a script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *[str(a) for a in argv]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def _weights(path, key="model"):
+    return util.load_checkpoint(path)[key]
+
+
+def test_kl_weight_is_cyclical():
+    w = [prestage_train.kl_weight_at(s, 100, 1.0, cycles=2, ramp=0.5) for s in range(100)]
+    assert w[0] == 0 and w[25] == pytest.approx(1.0) and w[49] == 1.0  # ramp over the first half of each cycle
+    assert w[12] == pytest.approx(12 / 25) and w[50] == 0 and w[60] == pytest.approx(10 / 25)
+
+
+@pytest.mark.parametrize("model", ["vae", "vqvae"])
+def test_smoke_run_lowers_reconstruction_loss(tmp_path, tiny_data, model):
+    out = tmp_path / model
+    _run("--model", model, "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 40,
+         "--disc-start", 30, "--log-every", 5, "--val-every", 20, "--ckpt-every", 20)
+    records = util.read_jsonl(out / "log.jsonl")
+    rec = [r["loss/rec"] for r in records if "loss/rec" in r]
+    assert rec[-1] < 0.7 * rec[0]
+    assert any("val/ssim" in r for r in records)
+    keys = set().union(*records)
+    assert {"loss/g", "loss/d", "w/gan", "lr", "images_per_s"} <= keys  # GAN on after disc_start
+    assert ("w/kl" in keys) == (model == "vae") and ("val/codebook_usage" in keys) == (model == "vqvae")
+    config = json.loads((out / "config.json").read_text())
+    ckpt = util.load_checkpoint(out / "best.pt", kind="stage1")
+    assert ckpt["config"]["model"] == config["model"] == model and "perceptual_used" in config
+    assert list((out / "samples").glob("recon_*.png"))
+
+
+def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
+    out = tmp_path / "r"
+    _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 6, "--disc-start", 4,
+         "--log-every", 1)
+    records = util.read_jsonl(out / "log.jsonl")
+    assert all("loss/g" not in r for r in records if r["step"] <= 4)
+    assert all("loss/g" in r for r in records if r["step"] > 4 and "loss/rec" in r)
+
+
+@pytest.mark.parametrize("model", ["vae", "vqvae"])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_data, model):
+    common = ["--model", model, "--preset", "smoke", "--data", tiny_data, "--steps", 10, "--disc-start", 3]
+    _run(*common, "--out", tmp_path / "straight")
+    _run(*common, "--out", tmp_path / "chunked", "--stop-at", 5)
+    assert util.load_checkpoint(tmp_path / "chunked" / "last.pt")["step"] == 5
+    _run("--resume", tmp_path / "chunked")
+    a, b = tmp_path / "straight" / "last.pt", tmp_path / "chunked" / "last.pt"
+    for key in ("model", "disc"):
+        wa, wb = _weights(a, key), _weights(b, key)
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            assert torch.equal(wa[name], wb[name]), f"{key}.{name} differs after resume"
+    steps = [r["step"] for r in util.read_jsonl(tmp_path / "chunked" / "log.jsonl") if "loss/rec" in r]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the log continues, no duplicated steps
+
+
+def test_eval_only_reports_test_metrics(vae_run, tiny_data, capsys):
+    _run("--eval-only", "--split", "test", "--ckpt", vae_run / "best.pt", "--data", tiny_data)
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):])
+    assert metrics["split"] == "test" and 0 < metrics["test/ssim"] <= 1 and metrics["test/psnr"] > 0
+
+
+def test_dry_run_prints_resolved_config(capsys, tiny_data):
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--n-embed", 64, "--dry-run")
+    out = capsys.readouterr().out
+    assert "preset: smoke" in out and "n_embed" in out and " 64" in out
+
+
+def test_bad_inputs_give_one_line(tmp_path, tiny_data, vae_run):
+    with pytest.raises(UserError, match="no such"):
+        _run("--preset", "smoke", "--data", tmp_path / "missing", "--out", tmp_path / "x")
+    with pytest.raises(UserError, match="a run already exists"):
+        _run("--preset", "smoke", "--data", tiny_data, "--out", vae_run)
+    with pytest.raises(UserError, match="cannot change on resume: --model vqvae"):
+        _run("--resume", vae_run, "--model", "vqvae")
+    diff = util.save_checkpoint({"kind": "diffusion", "config": {}}, tmp_path / "diff.pt")
+    with pytest.raises(UserError, match="is a 'diffusion' checkpoint, expected stage1"):
+        _run("--eval-only", "--ckpt", diff)
+
+
+def test_nan_loss_stops_naming_step_and_term(tmp_path, tiny_data):
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"non-finite loss at step \d+: loss/\w+") as err:
+        _run("--preset", "smoke", "--data", tiny_data, "--out", out, "--lr", "1e30", "--steps", 30, "--disc-start", 100)
+    assert "training stopped" in str(err.value)
+    if (out / "last.pt").exists():  # whatever was kept was saved before the bad step and is finite
+        state = util.load_checkpoint(out / "last.pt")
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = _cli("prestage_train.py", "--preset", "smoke", "--data", tmp_path / "nowhere")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_ddp_two_processes_gloo(tmp_path, tiny_data):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = _cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "prestage_train.py",
+                "--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--device", "cpu", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distributed: 2 processes, backend gloo" in proc.stdout
+    ckpt = util.load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 8
+    records = util.read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in records if "loss/rec" in r] == [2, 4, 6, 8]  # rank 0 logs alone, once per step

@@ -1,0 +1,454 @@
+"""The one training-loop skeleton shared by stage one (prestage_train.py), latent diffusion
+(stable_diffusion.py) and the PixelCNN prior (pixelCNN.py).
+
+A script describes *what* one step does in a `Task` (models, optimisers, `train_step`, `validate`);
+`fit` does everything around it, identically for all three:
+- data order: a permutation per epoch drawn from (seed, epoch), sharded across DDP ranks, so a run
+  resumed at step k sees exactly the batches an uninterrupted run would;
+- resume: step, epoch, position in the epoch, every model/optimiser state and every RNG state;
+- checkpoints: `last.pt` every `ckpt_every` steps and at the end, `best.pt` on the validate metric,
+  both written atomically (util.save_checkpoint);
+- a guard that stops on a non-finite loss, naming the step and the term, without saving it;
+- SIGTERM / SIGINT: finish the current step, save `last.pt`, exit with a message (code 143 / 130);
+- logging: tqdm bar with live losses, `log.jsonl` (step, epoch, every loss/weight, lr, items/s);
+- torchrun: DistributedDataParallel via `Trainer.wrap`, rank 0 logs, validates and saves.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import util
+from util import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Config: presets + per-flag overrides, saved to config.json and into every checkpoint
+
+RESUME_OVERRIDABLE = {"steps", "stop_at", "log_every", "val_every", "ckpt_every", "sample_every", "device", "num_workers", "compile"}
+
+
+def add_common_args(parser, presets):
+    """Flags every trainer has: preset, run dir, resume, seed, device, loop cadence, dry run."""
+    parser.add_argument("--preset", choices=sorted(presets), default=None,
+                        help="named set of defaults: full = 256x256 GPU recipe, demo = minutes on a laptop CPU, "
+                             "smoke = seconds (tests); default full with CUDA, demo without")
+    parser.add_argument("--out", default=None, help="run directory (default runs/<stage>-<preset>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the whole run (data order, init, noise)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--steps", type=int, default=None, help="total optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size per process")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--log-every", type=int, default=None, help="steps between log lines")
+    parser.add_argument("--val-every", type=int, default=None, help="steps between validations")
+    parser.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (CUDA; measured in playground/benchmark.py)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="save last.pt and exit at this step without changing the schedule (run in chunks "
+                             "on time-limited clusters; continue with --resume)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def resolve_config(args, presets, stage, exclude=()):
+    """Preset values, overridden by every flag given explicitly; the preset is printed and recorded.
+
+    `exclude` names flags that steer the command rather than the run (e.g. --eval-only, --split).
+    """
+    skip = {"resume", "overwrite", "dry_run", "out", "preset", *exclude}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    if args.resume:
+        return _resume_config(args, given)
+    preset = args.preset or ("full" if torch.cuda.is_available() else "demo")
+    config = dict(presets[preset])
+    config.update(given)
+    config["preset"] = preset
+    config["stage"] = stage
+    config["out"] = args.out or f"runs/{stage}-{preset}"
+    return config
+
+
+def _resume_config(args, given):
+    """On --resume the run's own config wins; a flag that would change the model or data is refused."""
+    path = Path(args.resume) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--resume {args.resume}: no config.json there (not a run directory)")
+    config = json.loads(path.read_text())
+    differ = [f"--{k.replace('_', '-')} {v} (run has {config.get(k)})" for k, v in given.items()
+              if k not in RESUME_OVERRIDABLE and k in config and config[k] != v]
+    if differ:
+        raise UserError(f"--resume {args.resume}: these flags differ from the run's config.json and cannot change "
+                        f"on resume: {', '.join(differ)}")
+    config.update({k: v for k, v in given.items() if k in RESUME_OVERRIDABLE})
+    config["stop_at"] = given.get("stop_at")  # a pause point belongs to one invocation, not to the run
+    config["out"] = str(args.resume)
+    return config
+
+
+def print_config(config, title="config"):
+    """Print the resolved config, one key per line (EDM-style dry run)."""
+    print(f"{title}:")
+    for key in sorted(config):
+        print(f"  {key:24s} {config[key]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+
+
+def setup_distributed(device_name="auto"):
+    """Initialise torch.distributed under torchrun (gloo on CPU, NCCL on CUDA); returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, util.pick_device(device_name)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if rank == 0:
+        print(f"distributed: {world} processes, backend {dist.get_backend()}, device {device}")
+    return rank, world, device
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces the tasks share
+
+
+class EMA:
+    """Exponential moving average of a model's weights (a deep copy updated after every step)."""
+
+    def __init__(self, model, decay=0.999):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        src = unwrap(model).state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(src[name], 1 - self.decay)
+            else:
+                value.copy_(src[name])
+
+
+def warmup_lr(step, base_lr, warmup_steps):
+    """Linear warm-up to base_lr over warmup_steps, then constant."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def set_lr(optimizer, lr):
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class NonFiniteLoss(UserError):
+    """A loss term became NaN or inf; training stops without saving the broken state."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class Task:
+    """What a stage defines; `fit` calls these. Subclasses set `kind` and fill the dicts."""
+
+    kind = "task"
+    select_metric = None  # e.g. ("val/ssim", "max"); None: best.pt follows last.pt
+    items_name = "images"
+
+    def __init__(self):
+        self.models = {}      # name -> nn.Module (saved unwrapped)
+        self.optimizers = {}  # name -> optimizer
+
+    def train_step(self, batch, step):
+        """One optimiser step on `batch` (tensors on device); returns named scalar tensors to log."""
+        raise NotImplementedError
+
+    def validate(self, step, run_dir):
+        """Validation metrics (floats); may write sample grids into run_dir/samples."""
+        return {}
+
+    def extra_state(self):
+        """Anything besides models/optimisers a checkpoint must carry (e.g. latent scale factor)."""
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore what `extra_state` saved."""
+
+
+class Trainer:
+    """Runs a Task over in-memory training tensors; see the module docstring."""
+
+    def __init__(self, task, config, data, device, rank=0, world=1):
+        self.task, self.config, self.device = task, config, device
+        self.rank, self.world = rank, world
+        self.data = data  # tuple of tensors with the same first dimension, kept on `device` if small
+        self.run_dir = Path(config["out"])
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best = None
+        self.logger = util.JsonlLogger(self.run_dir / "log.jsonl", enabled=rank == 0)
+        self.stop_signal = None
+        self.bad = None  # (step, term) of the first non-finite loss
+        n = data[0].shape[0]
+        self.batch_size = config["batch_size"]
+        self.steps_per_epoch = n // (self.batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--batch-size {self.batch_size}: larger than the training split ({n} items"
+                            f"{f' over {world} processes' if world > 1 else ''})")
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self):
+        """Everything a resumed run needs, as plain tensors and values (weights_only-loadable)."""
+        state = {
+            "kind": self.task.kind,
+            "config": self.config,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best, "rng": util.rng_state(),
+        }
+        for name, model in self.task.models.items():
+            state[name] = unwrap(model).state_dict()
+        for name, opt in self.task.optimizers.items():
+            state[name] = opt.state_dict()
+        state.update(self.task.extra_state())
+        return state
+
+    def load_state_dict(self, state):
+        """Restore a checkpoint written by `state_dict`."""
+        for name, model in self.task.models.items():
+            unwrap(model).load_state_dict(state[name])
+        for name, opt in self.task.optimizers.items():
+            opt.load_state_dict(state[name])
+        self.task.load_extra_state(state)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best = state.get("best")
+        util.set_rng_state(state["rng"])
+
+    def resume(self):
+        """Load last.pt of the run directory and rewind the log to its step."""
+        ckpt = util.load_checkpoint(self.run_dir / "last.pt", kind=self.task.kind, flag="--resume")
+        self.load_state_dict(ckpt)
+        self.logger.truncate_after(self.step)
+        if self.rank == 0:
+            print(f"resumed {self.run_dir}/last.pt at step {self.step} (epoch {self.epoch})")
+
+    def save(self, name="last.pt"):
+        """Atomic checkpoint write on rank 0."""
+        if self.rank == 0:
+            util.save_checkpoint(self.state_dict(), self.run_dir / name)
+
+    # -- data order ----------------------------------------------------------------------------
+    def batch_indices(self):
+        """Indices of this rank's batch at the current position, from the (seed, epoch) permutation."""
+        if getattr(self, "_perm_epoch", None) != self.epoch:
+            gen = torch.Generator().manual_seed(self.config["seed"] * 100003 + self.epoch)
+            self._perm = torch.randperm(self.data[0].shape[0], generator=gen)
+            self._perm_epoch = self.epoch
+        start = (self.batch_in_epoch * self.world + self.rank) * self.batch_size
+        return self._perm[start:start + self.batch_size]
+
+    def next_batch(self):
+        """This rank's batch on the device; advances the position in the epoch."""
+        idx = self.batch_indices()
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        batch = [t[idx.to(t.device)] for t in self.data]
+        if self.device.type == "cuda" and batch[0].device.type == "cpu":
+            batch = [b.pin_memory().to(self.device, non_blocking=True) for b in batch]
+        return batch
+
+    # -- guards --------------------------------------------------------------------------------
+    def check_finite(self, losses):
+        """Record the first non-finite loss; on CPU check now, on CUDA defer the host sync to log steps."""
+        if self.bad is not None:
+            return
+        names = [k for k in losses if k.startswith("loss/")]  # weights, rates and stats are not guarded
+        values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
+        if self.device.type != "cuda":
+            self._raise_if_bad(values, names, self.step)
+        else:
+            self._pending = getattr(self, "_pending", [])
+            self._pending.append((self.step, names, values))
+
+    def _raise_if_bad(self, values, names, step):
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            term = names[int((~finite).nonzero()[0])]
+            kept = self.run_dir / "last.pt"
+            tail = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+            raise NonFiniteLoss(f"non-finite loss at step {step}: {term} = {values[names.index(term)].item()}; "
+                                f"training stopped and {tail} (try a lower --lr)")
+
+    def flush_checks(self):
+        """Host-side check of the losses recorded since the last flush (CUDA path)."""
+        for step, names, values in getattr(self, "_pending", []):
+            self._raise_if_bad(values, names, step)
+        self._pending = []
+
+    def install_signal_handlers(self):
+        """SIGTERM/SIGINT only set a flag: the current step (and any checkpoint write) completes first."""
+        def handler(signum, frame):
+            if self.stop_signal is not None:  # second Ctrl-C: the user means it
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        self._old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore_signal_handlers(self):
+        """Put back the handlers that were there before `fit` (matters when fit runs in-process, e.g. tests)."""
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+
+    def should_stop(self):
+        """Whether any rank received a stop signal (all ranks must stop at the same step)."""
+        flag = self.stop_signal is not None
+        if self.world > 1:
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t)
+            flag = bool(t.item() > 0)
+            if flag and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM
+        return flag
+
+    # -- loop ----------------------------------------------------------------------------------
+    def validate(self):
+        """Rank-0 validation with its own RNG stream, so validating never changes the training stream."""
+        if self.rank != 0:
+            return {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config["seed"] + 7919 * self.step)
+            for model in self.task.models.values():
+                model.eval()
+            metrics = self.task.validate(self.step, self.run_dir)
+            for model in self.task.models.values():
+                model.train()
+        if self.task.select_metric and self.task.select_metric[0] in metrics:
+            key, mode = self.task.select_metric
+            value = metrics[key]
+            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
+            if better:
+                self.best = value
+                self.save("best.pt")
+        return metrics
+
+    def fit(self):
+        """Train until config['steps'] (or --stop-at); returns the last validation metrics."""
+        try:
+            return self._fit()
+        finally:
+            self.restore_signal_handlers()
+
+    def _fit(self):
+        cfg = self.config
+        total = cfg["steps"]
+        self.install_signal_handlers()
+        bar = tqdm(total=total, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, leave=True,
+                   file=sys.stdout, mininterval=1.0)
+        metrics, t_last, items = {}, time.perf_counter(), 0
+        while self.step < total:
+            batch = self.next_batch()
+            losses = self.task.train_step(batch, self.step)
+            self.check_finite(losses)
+            self.step += 1
+            items += batch[0].shape[0] * self.world
+            bar.update(1)
+            log_now = self.step % cfg["log_every"] == 0 or self.step == total
+            if log_now:
+                self.flush_checks()
+                rate = items / max(time.perf_counter() - t_last, 1e-9)
+                record = {k: float(v) for k, v in losses.items()}
+                record[f"{self.task.items_name}_per_s"] = rate
+                self.log(record)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[:5]}, refresh=False)
+                t_last, items = time.perf_counter(), 0
+            if self.step % cfg["val_every"] == 0 or self.step == total:
+                self.flush_checks()
+                metrics = self.validate()
+                if metrics:
+                    self.log(metrics)
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                                 if isinstance(v, (int, float))))
+                t_last, items = time.perf_counter(), 0
+            stop = self.should_stop()
+            pause = bool(cfg.get("stop_at")) and self.step >= cfg["stop_at"] and self.step < total
+            if self.step % cfg["ckpt_every"] == 0 or self.step == total or stop or pause:
+                self.flush_checks()
+                self.save()
+            if stop:
+                bar.close()
+                return self.interrupted()
+            if pause:
+                bar.close()
+                if self.rank == 0:
+                    print(f"--stop-at {cfg['stop_at']}: saved {self.run_dir / 'last.pt'} at step {self.step}; "
+                          f"continue with --resume {self.run_dir}")
+                return metrics
+        bar.close()
+        if self.best is None and self.rank == 0:  # no validate metric: best follows last
+            self.save("best.pt")
+        return metrics
+
+    def interrupted(self):
+        """Report where the run stopped after a signal and exit with the conventional code."""
+        name = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}.get(self.stop_signal, str(self.stop_signal))
+        if self.rank == 0:
+            print(f"{name} received: saved {self.run_dir / 'last.pt'} at step {self.step}; "
+                  f"continue with --resume {self.run_dir}", file=sys.stderr)
+        sys.exit(128 + int(self.stop_signal))
+
+    def log(self, record):
+        """One log.jsonl line with step and epoch first."""
+        self.logger.log({"step": self.step, "epoch": self.epoch, **record})
+
+
+def start_run(task, config, data, resume, overwrite, rank, world, device):
+    """Prepare the run directory (never clobbering a run), write config.json, build the Trainer, resume."""
+    run_dir = Path(config["out"])
+    if rank == 0:
+        util.prepare_run_dir(run_dir, resume=bool(resume), overwrite=overwrite, flag="--resume" if resume else "--out")
+        if not resume:
+            util.save_json(config, run_dir / "config.json")
+    if world > 1:
+        dist.barrier()
+    trainer = Trainer(task, config, data, device, rank, world)
+    if resume:
+        trainer.resume()
+    return trainer
+
+
+def data_to_device(tensors, device, limit_bytes=4 << 30):
+    """Keep the whole training set on the GPU when it fits (no loader at all), else on the host."""
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if device.type == "cuda" and size <= limit_bytes:
+        return tuple(t.to(device) for t in tensors)
+    return tuple(tensors)
+
+
+def cleanup_distributed():
+    """Tear down the process group at exit (quietly)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
