@@ -69,6 +69,7 @@ class DataError(UserError):
     """A data problem, shown to the user as one line `<path>: <what is wrong>`."""
 
     def __init__(self, path, problem=None):
+        """`DataError(path, problem)` -> "path: problem"; `DataError(message)` keeps the message."""
         super().__init__(str(path) if problem is None else f"{path}: {problem}")
 
 
@@ -93,6 +94,7 @@ class SliceSet:
         return self.num_z > 0
 
     def __len__(self):
+        """Number of slices."""
         return len(self.images)
 
     def tensors(self):
@@ -104,13 +106,16 @@ class SliceDataset(torch.utils.data.Dataset):
     """A SliceSet as a torch Dataset: item i -> (float [1, S, S] in [-1, 1], int z)."""
 
     def __init__(self, slices):
+        """Wrap a SliceSet (no copy)."""
         self.slices = slices
         self.images, self.z = slices.tensors()
 
     def __len__(self):
+        """Number of slices."""
         return len(self.images)
 
     def __getitem__(self, i):
+        """(float [1, S, S] in [-1, 1], int z) of slice i."""
         return to_float(self.images[i]), int(self.z[i])
 
 
@@ -272,6 +277,7 @@ def _decode_all(paths, size, desc):
     kinds = [None] * len(paths)
 
     def work(i):
+        """Decode file i into row i (threads write disjoint rows)."""
         arr, kinds[i] = _read_image(paths[i])
         disk[i] = f"{arr.shape[0]}x{arr.shape[1]}"
         images[i] = fit_square(arr, size)
@@ -407,12 +413,10 @@ def _nifti_index(root, seed):
     return {split: [(s, f) for s, f in volumes if assignment[s] == split] for split in SPLITS}
 
 
-def _volume_slices(path, num_slices, size):
-    """K axial slices of one volume as uint8 [K, size, size], notes (without the file name) and the
-    shape on disk."""
+def _read_volume(path):
+    """(3-D float32 array in canonical RAS, affine, shape on disk, notes) of one volume file."""
     import nibabel as nib
 
-    notes = []
     try:
         raw = nib.load(str(path))
         shape = "x".join(map(str, raw.shape))
@@ -420,6 +424,7 @@ def _volume_slices(path, num_slices, size):
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as err:  # noqa: BLE001 - nibabel/zlib raise many types; all mean the same to the user
         raise DataError(path, f"unreadable or corrupt volume ({type(err).__name__}: {err})") from None
+    notes = []
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4:
@@ -427,7 +432,12 @@ def _volume_slices(path, num_slices, size):
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(path, f"expected a 3-D volume, found shape {shape}")
-    data = np.nan_to_num(data, copy=False)
+    return np.nan_to_num(data, copy=False), img.affine, shape, notes
+
+
+def _volume_slices(path, num_slices, size):
+    """K axial slices of one volume as uint8 [K, size, size], notes (no file name) and the shape on disk."""
+    data, affine, shape, notes = _read_volume(path)
     mask = data != 0
     if not mask.any():
         raise DataError(path, "volume is all zero")
@@ -440,22 +450,19 @@ def _volume_slices(path, num_slices, size):
     picks = np.clip(np.floor(lo + (np.arange(num_slices) + 0.5) * extent / num_slices), lo, hi).astype(int)
     if extent < num_slices:
         notes.append(f"fewer non-empty axial slices than the {num_slices} requested: some repeat")
-    values = data[mask]
-    p_lo, p_hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    p_lo, p_hi = (float(v) for v in np.percentile(data[mask], [0.5, 99.5]))
     if p_hi <= p_lo:  # (nearly) constant brain: show it as plain white rather than divide by zero
         p_lo, p_hi = p_lo - 1.0, p_lo
-    chosen = data[:, :, picks]
-    scaled = np.clip((chosen - p_lo) / (p_hi - p_lo), 0, 1) * 255
+    scaled = np.clip((data[:, :, picks] - p_lo) / (p_hi - p_lo), 0, 1) * 255
     scaled[~mask[:, :, picks]] = 0  # keep the background black even when p_lo < 0
     scaled = np.round(scaled).astype(np.uint8)
-    zooms = np.sqrt((img.affine[:3, :2] ** 2).sum(axis=0))
+    zooms = np.sqrt((affine[:3, :2] ** 2).sum(axis=0))
+    if abs(zooms[0] - zooms[1]) > 0.01 * zooms.max():
+        notes.append("non-square in-plane voxels: resampled to square pixels")
     out = np.zeros((num_slices, size, size), dtype=np.uint8)
     for k in range(num_slices):
         sl = scaled[:, :, k].T[::-1]  # rows run anterior (top) -> posterior, columns left -> right
-        sl = _square_pixels(sl, zooms)
-        out[k] = fit_square(np.ascontiguousarray(sl), size)
-    if abs(zooms[0] - zooms[1]) > 0.01 * zooms.max():
-        notes.append("non-square in-plane voxels: resampled to square pixels")
+        out[k] = fit_square(np.ascontiguousarray(_square_pixels(sl, zooms)), size)
     return out, notes, shape
 
 
@@ -511,10 +518,10 @@ def _load_nifti(root, size, splits, num_slices, seed):
 
 
 def _folder_index(root, seed):
-    """Per split, the sorted (subject, path) of its images (split subfolders when present), notes, and
-    the folder each split comes from."""
+    """(per split the sorted (subject, path) of its images, notes, per split the folder it comes from)."""
     subdirs = {p.name.lower(): p for p in _subdirs(root)}
-    named = {split: next((subdirs[a] for a in aliases if a in subdirs), None) for split, aliases in FOLDER_SPLITS.items()}
+    named = {split: next((subdirs[a] for a in aliases if a in subdirs), None)
+             for split, aliases in FOLDER_SPLITS.items()}
     notes = []
     if any(named.values()):
         index = {}
@@ -552,7 +559,8 @@ def _load_folder(root, size, splits, seed):
         _require_split(items, split, folders[split])
         paths = [p for _, p in items]
         images, dec_notes, disk = _decode_all(paths, size, f"decode {split}")
-        out[split] = SliceSet(images, np.full(len(items), -1, dtype=np.int64), np.array([s for s, _ in items], dtype=str),
+        subjects = np.array([s for s, _ in items], dtype=str)
+        out[split] = SliceSet(images, np.full(len(items), -1, dtype=np.int64), subjects,
                               [str(p) for p in paths], split, "folder", 0, size,
                               notes + dec_notes + ["plain images: z-index unknown (-1), conditioning off"], disk)
     return out
@@ -623,9 +631,10 @@ def ensure_dataset(path, size):
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
             build_demo(tmp, size=size, subjects=DEMO_SUBJECTS)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            if not (out / DEMO_STATS).exists():  # else another process finished first with the same bytes
+                if out.exists():
+                    shutil.rmtree(out)  # a leftover without its stats file is an incomplete build
+                os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -640,8 +649,7 @@ def _template_dir():
 
 @lru_cache(maxsize=1)
 def _mni_maps():
-    """MNI T1, grey and white matter maps (float32, 1 mm RAS), the brain's voxel bounding box
-    [(lo, hi)] * 3 and the lowest in-brain T1 value."""
+    """(MNI T1/GM/WM maps as float32 on the 1 mm RAS grid, brain voxel box [(lo, hi)] * 3, lowest brain T1)."""
     import nibabel as nib
 
     maps = {}
@@ -684,10 +692,8 @@ def _template(pool):
 
 
 def _smooth_field(rng, grids, n_ctrl, sigma, channels):
-    """A smooth random field [channels, K, H, W]: Gaussian bumps on a coarse control grid, summed.
-
-    Separable, so it costs a few small matrix products instead of a 3-D upsampling per subject.
-    """
+    """A smooth random field [channels, K, H, W]: Gaussian bumps on a coarse control grid, summed."""
+    # Separable, so it costs a few small matrix products instead of a 3-D upsampling per subject.
     bases = []
     for coords, n in zip(grids, n_ctrl):
         centres = np.linspace(coords.min(), coords.max(), n)
@@ -706,14 +712,10 @@ def _pitch(size):
     return pitch, max(1, int(pitch))
 
 
-def _pseudo_subject(index, seed, size, num_slices=32):
-    """One pseudo-subject: (images uint8 [K, S, S], seg uint8 [K, S, S]) from the warped template."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng([seed, index])
+def _subject_coords(rng, size, num_slices):
+    """Template sampling coordinates [3, K, S, S] (pooled voxels) and a log bias field [K, S, S] for one subject."""
     (x0, x1), (y0, y1), (z0, z1) = _mni_maps()[1]
     pitch, pool = _pitch(size)
-    maps, _, floor = _template(pool)
     # Output pixel centres in mm relative to the brain's centre; rows run anterior (top) to posterior.
     # Slices go from the lower cerebellum to the upper convexity, like the 32 OASIS slices.
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2, (z0 + z1) / 2])
@@ -736,28 +738,44 @@ def _pseudo_subject(index, seed, size, num_slices=32):
         coords[c] += (mat[c, 0] * cols).astype(np.float32)[None, None, :]
         coords[c] += (mat[c, 1] * rows).astype(np.float32)[None, :, None]
         coords[c] += (mat[c, 2] * zs + offset[c]).astype(np.float32)[:, None, None]
-    coords -= (pool - 1) / 2  # 1 mm voxel index -> index on the pooled grid
+    coords -= (pool - 1) / 2  # 1 mm voxel index (the template is 1 mm RAS) -> index on the pooled grid
     coords /= pool
-    t1 = ndimage.map_coordinates(maps["t1"], coords, order=1, output=np.float32, cval=0.0)
-    labels = ndimage.map_coordinates(maps["labels"], coords, order=0, output=np.uint8, cval=0)
+    return coords, log_bias
+
+
+def _appearance(rng, t1, log_bias, floor):
+    """Scanner-like uint8 image from warped template T1: contrast (gamma), bias field, noise, scaling."""
     gamma = np.exp(rng.uniform(-0.25, 0.25))
     img = (np.clip(t1, 0, 255) * (1 / 255.0)) ** gamma * np.exp(log_bias)
     inside = t1 >= 0.5 * floor
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.035)) * inside
     top = np.percentile(img[inside], 99.5) if inside.any() else 1.0
     img = np.clip(img * (255 * rng.uniform(0.9, 1.0) / top), 0, 255) * inside
-    seg = np.concatenate([[0], SEG_LEVELS])[labels].astype(np.uint8)
-    return np.round(img).astype(np.uint8), seg
+    return np.round(img).astype(np.uint8)
+
+
+def _pseudo_subject(index, seed, size, num_slices=32):
+    """One pseudo-subject: (images uint8 [K, S, S], seg uint8 [K, S, S]) from the warped template."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng([seed, index])
+    maps, _, floor = _template(_pitch(size)[1])
+    coords, log_bias = _subject_coords(rng, size, num_slices)
+    t1 = ndimage.map_coordinates(maps["t1"], coords, order=1, output=np.float32, cval=0.0)
+    labels = ndimage.map_coordinates(maps["labels"], coords, order=0, output=np.uint8, cval=0)
+    seg = np.concatenate([[0], SEG_LEVELS]).astype(np.uint8)[labels]
+    return _appearance(rng, t1, log_bias, floor), seg
 
 
 def _write_subject(job):
     """Build one pseudo-subject and write its image and seg PNGs (runs in a worker process)."""
     index, subject, split, out, size, seed = job
     images, segs = _pseudo_subject(index, seed, size)
+    image_dir, seg_dir = out / OASIS_DIR.format(split), out / OASIS_SEG_DIR.format(split)
     for z in range(len(images)):
-        # compress_level 1: written once, decoded as fast as level 6, ~3x quicker to write.
-        Image.fromarray(images[z]).save(out / OASIS_DIR.format(split) / f"case_{subject}_slice_{z}.nii.png", compress_level=1)
-        Image.fromarray(segs[z]).save(out / OASIS_SEG_DIR.format(split) / f"seg_{subject}_slice_{z}.nii.png", compress_level=1)
+        # compress_level 1: written once, decoded as fast as level 6, much quicker to write.
+        Image.fromarray(images[z]).save(image_dir / f"case_{subject}_slice_{z}.nii.png", compress_level=1)
+        Image.fromarray(segs[z]).save(seg_dir / f"seg_{subject}_slice_{z}.nii.png", compress_level=1)
     return split
 
 
@@ -802,44 +820,30 @@ def build_demo(out, size=256, subjects=DEMO_SUBJECTS, seed=0, workers=None, prog
 
 
 def _batch_rate(slices, batch=128, seconds=0.3):
-    """Slices/s reached by taking random batches out of `tensors()` (index_select) and making them float."""
+    """Slices/s reached by taking random uint8 batches out of `tensors()` (trainers convert on device)."""
     images, z = slices.tensors()
     gen = torch.Generator().manual_seed(0)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         idx = torch.randint(len(images), (batch,), generator=gen)
         # index_select is ~10x faster than images[idx] (advanced indexing) on CPU.
-        to_float(images.index_select(0, idx)), z.index_select(0, idx)
+        images.index_select(0, idx), z.index_select(0, idx)
         done += batch
     return done / (time.perf_counter() - start)
 
 
-def cmd_inspect(args):
-    """Print what a data folder holds and how fast it loads."""
-    kind, root = detect_layout(args.path)
-    print(f"layout: {kind}  (root: {root})")
-    problems = []
-    seg = {}
+def _scan(kind, root, seed):
+    """(per split its items or None, per split its folder, seg PNG counts) without decoding anything."""
     if kind == "oasis":
-        index, _ = _oasis_index(root)
-        seg = _oasis_seg_counts(root)
-        folders = {s: root / OASIS_DIR.format(s) for s in SPLITS}
-    elif kind == "nifti":
-        index = _nifti_index(root, args.seed)
-        folders = dict.fromkeys(SPLITS, root)
-    else:
-        index, _, folders = _folder_index(root, args.seed)
-    print("seg maps: " + (", ".join(f"{s} {n}" for s, n in seg.items()) if seg else "none"))
-    ok = []
-    for split in SPLITS:
-        try:
-            _require_split(index[split], split, folders[split])
-            ok.append(split)
-        except DataError as err:
-            problems.append(str(err))
-    start = time.perf_counter()
-    sets = load_splits(root, args.size, ok, args.num_slices, args.seed) if ok else {}
-    seconds = time.perf_counter() - start
+        return _oasis_index(root)[0], {s: root / OASIS_DIR.format(s) for s in SPLITS}, _oasis_seg_counts(root)
+    if kind == "nifti":
+        return _nifti_index(root, seed), dict.fromkeys(SPLITS, root), {}
+    index, _, folders = _folder_index(root, seed)
+    return index, folders, {}
+
+
+def _print_sets(sets, seconds, size):
+    """The per-split table, sizes on disk, speeds and notes of loaded splits."""
     print(f"{'split':<9} {'slices':>7} {'subjects':>9}  z-range")
     for split, s in sets.items():
         zr = f"{s.z.min()}..{s.z.max()}" if s.conditional else "unknown (-1): unconditional"
@@ -847,23 +851,41 @@ def cmd_inspect(args):
     disk = Counter()
     for s in sets.values():
         disk.update(s.disk_sizes)
-    if disk:
-        print("on disk: " + ", ".join(f"{k} ({v})" for k, v in disk.most_common()))
-    if sets:
-        first = next(iter(sets.values()))
-        n = sum(len(s) for s in sets.values())
-        print(f"conditional: {first.conditional}  num_z: {first.num_z}")
-        print(f"loaded {n} slices at {args.size}x{args.size} in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} slices/s); "
-              f"batch indexing from tensors(): {_batch_rate(first):.0f} slices/s ({torch.get_num_threads()} torch threads)")
-        notes = list(dict.fromkeys(n for s in sets.values() for n in s.notes))
-        for note in notes[:12]:
-            print(f"note: {note}")
-        if len(notes) > 12:
-            print(f"note: ... and {len(notes) - 12} more")
+    print("on disk: " + ", ".join(f"{k} ({v})" for k, v in disk.most_common()))
+    first = next(iter(sets.values()))
+    n = sum(len(s) for s in sets.values())
+    print(f"conditional: {first.conditional}  num_z: {first.num_z}")
+    print(f"loaded {n} slices at {size}x{size} in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} slices/s); "
+          f"batch indexing from tensors(): {_batch_rate(first):.0f} slices/s ({torch.get_num_threads()} torch threads)")
+    notes = list(dict.fromkeys(n for s in sets.values() for n in s.notes))
+    for note in notes[:12]:
+        print(f"note: {note}")
+    if len(notes) > 12:
+        print(f"note: ... and {len(notes) - 12} more")
+
+
+def cmd_inspect(args):
+    """Print what a data folder holds and how fast it loads; exit 1 when a split has a problem."""
+    kind, root = detect_layout(args.path)
+    print(f"layout: {kind}  (root: {root})")
+    index, folders, seg = _scan(kind, root, args.seed)
+    print("seg maps: " + (", ".join(f"{s} {n}" for s, n in seg.items()) if seg else "none"))
+    ok, problems = [], []
+    for split in SPLITS:
+        try:
+            _require_split(index[split], split, folders[split])
+            ok.append(split)
+        except DataError as err:
+            problems.append(str(err))
+    if ok:
+        start = time.perf_counter()
+        sets = load_splits(root, args.size, ok, args.num_slices, args.seed)
+        _print_sets(sets, time.perf_counter() - start, args.size)
     for problem in problems:
         print(f"problem: {problem}")
     if problems:
-        raise DataError(problems[0]) if len(problems) == 1 else DataError(f"{problems[0]} (and {len(problems) - 1} more problems above)")
+        more = f" (and {len(problems) - 1} more problems above)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
     return 0
 
 
@@ -878,7 +900,7 @@ def cmd_build_demo(args):
 
 def main(argv=None):
     """Parse the command line and run a sub-command."""
-    parser = argparse.ArgumentParser(description="Brain MRI slice datasets: inspect a folder or build the embedded set.")
+    parser = argparse.ArgumentParser(description="Brain MRI slices: inspect a data folder or build the embedded set.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show the layout, splits, sizes, notes and load speed of a data folder")
     p.add_argument("path")

@@ -221,24 +221,30 @@ def _nn_resolution(images):
     return images
 
 
+def _as_float(images):
+    """uint8 images -> float in [-1, 1]; float images unchanged (as float32)."""
+    return dataset.to_float(images) if images.dtype == torch.uint8 else images.float()
+
+
 @torch.no_grad()
 def nearest_neighbour_rmse(a, b, chunk=512):
     """For each image of a: (per-pixel RMSE to its nearest image of b, index of that image), both [Na].
 
     `b` may be uint8 (converted chunk by chunk, so a large training set is never held as floats).
+    The search uses fast matrix-product distances; the distance to the neighbour found is then
+    recomputed directly, so that an exact copy reads 0 rather than float round-off.
     """
     a = _nn_resolution(a).flatten(1)
     best = torch.full((len(a),), float("inf"))
     best_idx = torch.zeros(len(a), dtype=torch.long)
     for start in range(0, len(b), chunk):
-        part = b[start:start + chunk]
-        part = dataset.to_float(part) if part.dtype == torch.uint8 else part.float()
-        part = _nn_resolution(part).flatten(1)
+        part = _nn_resolution(_as_float(b[start:start + chunk])).flatten(1)
         dist, idx = torch.cdist(a, part).min(dim=1)
         better = dist < best
         best = torch.where(better, dist, best)
         best_idx = torch.where(better, idx + start, best_idx)
-    return best / math.sqrt(a.shape[1]), best_idx
+    nearest = _nn_resolution(_as_float(b[best_idx])).flatten(1)
+    return ((a - nearest) ** 2).mean(dim=1).sqrt(), best_idx
 
 
 def copy_fraction(sample_dist, real_dist, quantile=0.01):
@@ -291,8 +297,7 @@ def train_z_regressor(images, z, num_z, steps=600, batch_size=64, lr=2e-3, seed=
         raise ValueError("need at least two slices with a known z-index to train the z regressor")
     images, z = images[keep], z[keep].float()
     # 32x32 is all the regressor looks at: downsample once instead of every step.
-    x_all = dataset.to_float(images) if images.dtype == torch.uint8 else images.float()
-    x_all = F.adaptive_avg_pool2d(x_all, 32)
+    x_all = F.adaptive_avg_pool2d(_as_float(images), 32)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = ZRegressor(num_z)
@@ -316,9 +321,7 @@ def predict_z(model, images, batch_size=256):
     """Predicted z-indices (floats clamped to 0..num_z-1) for uint8 or float images."""
     preds = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        x = dataset.to_float(x) if x.dtype == torch.uint8 else x.float()
-        preds.append(model(x))
+        preds.append(model(_as_float(images[start:start + batch_size])))
     return torch.cat(preds).clamp(0, model.num_z - 1)
 
 
@@ -430,8 +433,7 @@ def inception_features(model, images, batch_size=32):
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     feats = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        x = dataset.to_float(x) if x.dtype == torch.uint8 else x.float()
+        x = _as_float(images[start:start + batch_size])
         x = F.interpolate((x + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
         feats.append(model((x - mean) / std).double())
     return torch.cat(feats).numpy()

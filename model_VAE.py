@@ -310,12 +310,14 @@ class VectorQuantizer(nn.Module):
         init = torch.empty(n_embed, embed_dim).uniform_(-1.0 / n_embed, 1.0 / n_embed)
         if self.ema:
             self.register_buffer("codebook", init)
-            # the initial codes count as one pseudo-observation each, so the first update is a blend
-            self.register_buffer("embed_sum", init.clone())
+            self.register_buffer("embed_sum", torch.zeros(n_embed, embed_dim))
         else:
             self.codebook = nn.Parameter(init)
-        # EMA of per-batch assignment counts: drives the EMA codebook and the dead-code test
-        self.register_buffer("cluster_size", torch.ones(n_embed))
+        # EMA of per-batch assignment counts: drives the EMA codebook and the dead-code test. Starting
+        # at zero makes the first training batch a k-means step (sums and counts share the (1 - decay)
+        # factor, so their ratio is the batch mean) and, with restart_dead, re-seeds every code that
+        # batch barely used from encoder outputs: a data-dependent init instead of the tiny uniform one.
+        self.register_buffer("cluster_size", torch.zeros(n_embed))
 
     def nearest(self, flat):
         """Index of the closest code (squared Euclidean distance) for each row of `flat` [N, D]."""

@@ -10,7 +10,8 @@
 - Samplers as plain functions of an `eps_fn(x_t, t, z)` callable (as in NVlabs/edm): `ddpm_sample`
   (ancestral, Ho et al.), `ddim_sample` (Song et al. 2021), `dpmpp_2m_sample` (DPM-Solver++(2M),
   Lu et al. 2022). `guided` builds the callable from a model with classifier-free guidance, `sample`
-  chains the two.
+  chains the two. Every sampler calls `callback(i, num_steps, x, x0_pred)` after step i with the new
+  state and the x0 predicted at that step (e.g. for a GIF of decoded predictions).
 
 Time steps are integer indices 0..T-1; index t stands for step t+1 of the papers, so betas[0] is beta_1
 and "t = -1" below means the clean data (alpha_bar = 1). The latents are the autoencoder's divided by its
@@ -97,25 +98,13 @@ class LatentUNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(ch))
                 res *= 2
-        self._check_condition_reaches_blocks()
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         # A zero output layer makes the untrained net predict 0, the mean of the eps and v targets, so the
         # first loss is the target variance (about 1) instead of a large random error whose gradients
-        # would shake every layer in the first steps; only the output layer moves until it is nonzero.
+        # would shake every layer at once; the first step trains the output layer alone.
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-
-    def _check_condition_reaches_blocks(self):
-        """Refuse widths at which `module.ResBlock` would silently drop the time and z conditioning."""
-        # ResBlock adds the condition as a per-channel constant right before its second GroupNorm; a
-        # group of one channel subtracts that constant again, so the block never sees t or z. With
-        # module.group_norm (up to 32 groups) this happens at every width <= 32.
-        for name, block in self.named_modules():
-            norm = getattr(block, "norm2", None)
-            if isinstance(block, ResBlock) and isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels:
-                raise ValueError(f"{name}: {norm.num_channels} channels in {norm.num_groups} GroupNorm groups erase "
-                                 "the conditioning added before the norm; use model_channels >= 64")
 
     def condition(self, t, z):
         """The conditioning vector [B, 4 * model_channels]: time embedding plus z-index embedding."""
@@ -131,8 +120,6 @@ class LatentUNet(nn.Module):
         factor = 2 ** (self.levels - 1)
         if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
             raise ValueError(f"latent size {tuple(x_t.shape[-2:])} must be divisible by {factor}")
-        if z is not None and self.conditional and z.numel() and int(z.max()) >= self.num_z:
-            raise ValueError(f"z-index {int(z.max())} out of range 0..{self.num_z - 1} (-1 = none)")
         cond = self.condition(t, z)
         h = self.conv_in(x_t)
         skips = [h]
@@ -150,15 +137,6 @@ class LatentUNet(nn.Module):
 # The forward process
 
 
-def _gather(values, t, like):
-    """values[t] for a [B] (or int) step tensor, shaped [B, 1, ...] to broadcast over `like`, in its dtype."""
-    if not torch.is_tensor(t):
-        t = torch.full((like.shape[0],), int(t), dtype=torch.long)
-    out = values[t.to(values.device).long()]
-    # Cast on the CPU before the move: some devices (MPS) have no float64.
-    return out.to(like.dtype).to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 class NoiseSchedule:
     """Variance-preserving forward process q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), float64 tables.
 
@@ -171,6 +149,7 @@ class NoiseSchedule:
         if int(timesteps) < 2:
             raise ValueError(f"need at least 2 time steps, got {timesteps}")
         self.kind, self.timesteps = kind, int(timesteps)
+        self._tables = {}
         betas = linear_betas(self.timesteps) if kind == "linear" else cosine_betas(self.timesteps)
         self.betas = betas
         self.alphas = 1.0 - betas
@@ -185,8 +164,24 @@ class NoiseSchedule:
         # beta_tilde at the first step is 0; its log is taken from the next step (as Ho et al.'s code does).
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        one_minus_abar = 1.0 - self.alphas_cumprod
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / one_minus_abar
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / one_minus_abar
+
+    def _at(self, name, t, like):
+        """Table `name` at steps t ([B] tensor or int), shaped [B, 1, ...] to broadcast over `like`, in its dtype."""
+        # Tables are cast and moved once per device and dtype (casting on the CPU first: MPS has no
+        # float64), so indexing during training needs no host-device copies.
+        key = (name, like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = getattr(self, name).to(like.dtype).to(like.device)
+        if not torch.is_tensor(t):
+            t = torch.full((like.shape[0],), int(t), dtype=torch.long)
+        return self._tables[key][t.to(like.device)].reshape(-1, *([1] * (like.dim() - 1)))
+
+    def to(self, device):
+        """Return self: the float64 tables stay on the CPU and `_at` moves each to a device on first use."""
+        return self
 
     @property
     def config(self):
@@ -197,29 +192,39 @@ class NoiseSchedule:
         """abar at an integer step as a Python float; t = -1 is the clean data (1.0)."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
+    def signal_noise(self, t, like):
+        """(sqrt(abar_t), sqrt(1 - abar_t)) shaped to broadcast over `like`: x_t = a x0 + s eps."""
+        return self._at("sqrt_alphas_cumprod", t, like), self._at("sqrt_one_minus_alphas_cumprod", t, like)
+
     def q_sample(self, x0, t, noise):
         """Draw x_t ~ q(x_t | x0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        a, s = self.signal_noise(t, x0)
+        return a * x0 + s * noise
 
     def predict_x0_from_eps(self, x_t, t, eps):
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return (x_t - _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _gather(self.sqrt_alphas_cumprod, t, x_t)
+        a, s = self.signal_noise(t, x_t)
+        return (x_t - s * eps) / a
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
-        return (x_t - _gather(self.sqrt_alphas_cumprod, t, x_t) * x0) / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a, s = self.signal_noise(t, x_t)
+        return (x_t - a * x0) / s
 
     def v_target(self, x0, noise, t):
         """Velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * noise - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        a, s = self.signal_noise(t, x0)
+        return a * noise - s * x0
 
     def predict_x0_from_v(self, x_t, t, v):
         """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
-        return _gather(self.sqrt_alphas_cumprod, t, x_t) * x_t - _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        a, s = self.signal_noise(t, x_t)
+        return a * x_t - s * v
 
     def predict_eps_from_v(self, x_t, t, v):
         """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
-        return _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + _gather(self.sqrt_alphas_cumprod, t, x_t) * v
+        a, s = self.signal_noise(t, x_t)
+        return s * x_t + a * v
 
     def eps_and_x0(self, x_t, t, output, objective="eps"):
         """Both eps and x0 from a model output of the given objective ('eps' or 'v')."""
@@ -231,8 +236,8 @@ class NoiseSchedule:
 
     def posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_variance, t, x_t), _gather(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._at("posterior_mean_coef1", t, x_t) * x0 + self._at("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._at("posterior_variance", t, x_t), self._at("posterior_log_variance_clipped", t, x_t)
 
 
 def linear_betas(timesteps, start=1e-4, end=0.02):
@@ -297,7 +302,7 @@ def guided(model, guidance=1.0, objective="eps", schedule=None):
             out = model(x_t, t, z)
         else:
             both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, torch.full_like(z, -1)]))
-            cond, uncond = both.chunk(2)
+            cond, uncond = both.float().chunk(2)  # combine in float32 even under autocast
             out = uncond + guidance * (cond - uncond)
         return out if objective == "eps" else schedule.predict_eps_from_v(x_t, t, out)
 
@@ -341,7 +346,7 @@ def _start(shape, z, generator, x_init, device):
 
 
 def _predict(eps_fn, schedule, x, t, z, clip_x0):
-    """eps and x0 predictions at integer step t; x0 optionally clamped to [-clip_x0, clip_x0] (eps made consistent)."""
+    """eps and x0 predictions at integer step t; x0 optionally clamped to +-clip_x0 (eps made to match)."""
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     eps = eps_fn(x, tt, z).float()
     x0 = schedule.predict_x0_from_eps(x, tt, eps)
@@ -367,7 +372,7 @@ def ddpm_sample(eps_fn, schedule, shape, z, generator=None, callback=None, clip_
 
 
 def ddim_sigma(schedule, t, t_prev, eta):
-    """DDIM noise scale from step t to t_prev (Song et al. eq. 16); eta = 1 with t_prev = t - 1 is DDPM's beta_tilde."""
+    """DDIM noise scale from step t to t_prev (Song et al. eq. 16); eta = 1, t_prev = t - 1 is DDPM's beta_tilde."""
     abar, abar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
     return eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
 

@@ -3,8 +3,8 @@
 Everything here is a plain nn.Module that knows nothing about data or files:
 - `sinusoidal_embedding` / `ConditionEmbedding`: the Transformer paper's sinusoidal code followed by
   an MLP; used for the slice z-index (stage one, stage two) and the diffusion time step.
-- `ResBlock`: GroupNorm -> SiLU (Swish) -> conv, twice, with an optional conditioning vector added
-  between the two convolutions, dropout, and a 1x1 shortcut when the width changes.
+- `ResBlock`: GroupNorm -> SiLU (Swish) -> conv, twice, with an optional conditioning vector applied
+  as a scale and shift between the two convolutions, dropout, and a 1x1 shortcut when the width changes.
 - `SelfAttention2d`: single-head self-attention over the pixels of a feature map through
   `torch.nn.functional.scaled_dot_product_attention` (flash/efficient kernels where available).
 - `Downsample` / `Upsample`: stride-2 conv and nearest-neighbour upsampling followed by a conv.
@@ -61,24 +61,30 @@ class ConditionEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block; `cond` (a [B, cond_dim] vector) is projected and added between the convs."""
+    """Pre-activation residual block; `cond` (a [B, cond_dim] vector) modulates the features between the convs.
+
+    The condition enters as a scale and shift applied *after* the second GroupNorm (FiLM, as in
+    improved-diffusion's use_scale_shift_norm). Adding it before the norm, as DDPM does, is silently
+    undone whenever a group holds a single channel: the norm subtracts each channel's constant again.
+    """
 
     def __init__(self, in_ch, out_ch=None, cond_dim=0, dropout=0.0):
         super().__init__()
         out_ch = out_ch or in_ch
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.cond_proj = nn.Linear(cond_dim, out_ch) if cond_dim else None
+        self.cond_proj = nn.Linear(cond_dim, 2 * out_ch) if cond_dim else None
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, cond=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
         if self.cond_proj is not None and cond is not None:
-            h = h + self.cond_proj(F.silu(cond))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            scale, shift = self.cond_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.shortcut(x) + h
 
 

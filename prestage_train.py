@@ -246,6 +246,7 @@ def parse_args(argv):
     p.add_argument("--eval-only", action="store_true", help="report metrics of --ckpt on --split and exit")
     p.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split for --eval-only")
     p.add_argument("--ckpt", default=None, help="checkpoint for --eval-only")
+    p.add_argument("--out-json", default=None, help="with --eval-only: also write the metrics to this JSON file")
     return p.parse_args(argv)
 
 
@@ -269,6 +270,8 @@ def evaluate_only(args):
     metrics = reconstruction_metrics(model, images, z, device, config, prefix=args.split)
     metrics.update(checkpoint=ckpt["_path"], step=ckpt["step"], split=args.split, slices=len(images))
     print(json.dumps(metrics, indent=2))
+    if args.out_json:
+        util.save_json(metrics, args.out_json)
     return 0
 
 
@@ -277,7 +280,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.eval_only:
         return evaluate_only(args)
-    config = tr.resolve_config(args, PRESETS, "stage1", exclude=("eval_only", "split", "ckpt"))
+    config = tr.resolve_config(args, PRESETS, "stage1", exclude=("eval_only", "split", "ckpt", "out_json"))
     config.setdefault("model", "vae")
     rank, world, device = tr.setup_distributed(config.get("device") or "auto")
     if rank == 0:

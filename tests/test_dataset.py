@@ -259,7 +259,8 @@ def test_nifti_volumes_slices_ranks_and_normalisation(tmp_path):
     assert np.array_equal(slices["sub01"], slices["nested/sub04"])
     assert np.abs(slices["sub01"].astype(int) - slices["sub02"]).max() <= 1  # per-volume normalisation undoes x3
     # Analyze has no orientation field: nibabel reads it as radiological (x flipped), hence the mirror.
-    assert np.array_equal(slices["sub01"], slices["sub03"]) or np.array_equal(slices["sub01"], slices["sub03"][..., ::-1])
+    mirrored = slices["sub03"][..., ::-1]
+    assert np.array_equal(slices["sub01"], slices["sub03"]) or np.array_equal(slices["sub01"], mirrored)
 
 
 def test_nifti_split_is_deterministic_and_seeded(tmp_path):
@@ -450,7 +451,10 @@ def test_demo_is_deterministic_and_varies(demo):
     base, stats = demo
     a, b, c = (_png_bytes(base / n) for n in "abc")
     assert len(a) == 3 * 32 * 2 and a == b  # byte-identical for the same seed
-    assert a.keys() != c.keys() or any(a[k] != c[k] for k in a)
+    by_name = {k.split("/")[-1]: v for k, v in a.items()}
+    other = {k.split("/")[-1]: v for k, v in c.items()}
+    assert by_name.keys() == other.keys()
+    assert sum(by_name[k] != other[k] for k in by_name if k.startswith("case_")) > 0.9 * 3 * 32  # another seed
     assert stats[0]["seconds"] > 0 and stats[0]["subjects_per_split"] == {"train": 1, "validate": 1, "test": 1}
     sets = load_splits(base / "a", size=32)
     one, two = sets["train"].images, sets["validate"].images

@@ -80,11 +80,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_data, model):
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # the log continues, no duplicated steps
 
 
-def test_eval_only_reports_test_metrics(vae_run, tiny_data, capsys):
-    _run("--eval-only", "--split", "test", "--ckpt", vae_run / "best.pt", "--data", tiny_data)
+def test_eval_only_reports_test_metrics(vae_run, tiny_data, capsys, tmp_path):
+    _run("--eval-only", "--split", "test", "--ckpt", vae_run / "best.pt", "--data", tiny_data, "--out-json", tmp_path / "m.json")
     out = capsys.readouterr().out
     metrics = json.loads(out[out.index("{"):])
     assert metrics["split"] == "test" and 0 < metrics["test/ssim"] <= 1 and metrics["test/psnr"] > 0
+    assert json.loads((tmp_path / "m.json").read_text())["test/ssim"] == pytest.approx(metrics["test/ssim"])
 
 
 def test_dry_run_prints_resolved_config(capsys, tiny_data):

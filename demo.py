@@ -1,0 +1,97 @@
+"""The whole pipeline on the embedded MNI dataset, on a laptop CPU: what `make demo` runs.
+
+Commands:
+    python demo.py                 # build data, stage one (VQ-VAE), latent diffusion, PixelCNN, samples, metrics, plots
+    python demo.py --model vae     # stage one as a VAE (the PixelCNN step is skipped: it needs codes)
+    python demo.py --out runs/demo2 --seed 1
+
+Each step is the command a user would type, printed before it runs. A step whose output already
+exists is skipped (delete runs/demo, or `make clean-demo`, to redo everything), so an interrupted
+demo continues where it stopped and no finished run is ever overwritten. Wall time per step is
+written to <out>/timings.json.
+"""
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def step(name, argv, done_when, timings):
+    """Run one pipeline command unless its output exists; record its wall time."""
+    cmd = [sys.executable, *[str(a) for a in argv]]
+    shown = "python " + " ".join(shlex.quote(str(a)) for a in argv)
+    if done_when is not None and Path(done_when).exists():
+        print(f"\n=== {name}: {done_when} exists, skipped ({shown})")
+        return
+    print(f"\n=== {name}\n$ {shown}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    timings[name] = round(time.perf_counter() - t0, 1)
+    if proc.returncode != 0:
+        print(f"error: demo step '{name}' failed (exit {proc.returncode}); fix the problem above and run "
+              f"`make demo` again: finished steps are kept and skipped", file=sys.stderr)
+        sys.exit(proc.returncode)
+
+
+def main(argv=None):
+    """Run the pipeline end to end."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["vqvae", "vae"], default="vqvae", help="stage-one autoencoder")
+    p.add_argument("--out", default="runs/demo", help="folder for every run, sample and figure")
+    p.add_argument("--data", default="data/embedded_64", help="dataset folder (built here if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every step")
+    args = p.parse_args(argv)
+    out, data = Path(args.out), Path(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    stage1, ldm, prior = out / f"stage1-{args.model}", out / "ldm", out / "pixelcnn"
+    seed = ["--seed", args.seed]
+
+    step("build embedded dataset", ["dataset.py", "build-demo", "--out", data, "--size", 64, "--seed", args.seed],
+         data / "keras_png_slices_train", timings)
+    step("stage one", ["prestage_train.py", "--model", args.model, "--preset", "demo", "--data", data,
+                       "--out", stage1, *seed], stage1 / "best.pt", timings)
+    step("stage one: test metrics", ["prestage_train.py", "--eval-only", "--split", "test", "--ckpt",
+                                     stage1 / "best.pt", "--out-json", out / "metrics_stage1_test.json"],
+         out / "metrics_stage1_test.json", timings)
+    step("latent diffusion", ["stable_diffusion.py", "train", "--ae", stage1 / "best.pt", "--preset", "demo",
+                              "--out", ldm, *seed], ldm / "best.pt", timings)
+    step("diffusion samples", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--n", 2, "--z", "0..31",
+                               "--sampler", "ddim", "--steps", 50, "--out", out / "samples_ldm.png",
+                               "--gif", out / "denoising.gif", *seed], out / "samples_ldm.png", timings)
+    step("diffusion metrics", ["stable_diffusion.py", "evaluate", "--ckpt", ldm / "best.pt", "--sampler", "ddim",
+                               "--steps", 50, "--n", 4, "--out", out / "metrics_ldm.json", *seed],
+         out / "metrics_ldm.json", timings)
+    runs = [stage1, ldm]
+    if args.model == "vqvae":
+        step("PixelCNN prior", ["pixelCNN.py", "train", "--ae", stage1 / "best.pt", "--preset", "demo",
+                                "--out", prior, *seed], prior / "best.pt", timings)
+        step("PixelCNN samples", ["pixelCNN.py", "sample", "--ckpt", prior / "best.pt", "--n", 2, "--z", "0..31",
+                                  "--out", out / "samples_pixelcnn.png", *seed], out / "samples_pixelcnn.png", timings)
+        step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 4,
+                                  "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json", timings)
+        runs.append(prior)
+    step("training curves", ["logger.py", *runs, "--out", out / "curves.png", "--smooth", 3], None, timings)
+    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+
+    print(f"\nDemo finished in {sum(timings.values()):.0f}s of steps run now ({timings_path}).")
+    print("Figures:")
+    for name in ("samples_ldm.png", "denoising.gif", "samples_pixelcnn.png", "curves.png"):
+        if (out / name).exists():
+            print(f"  {out / name}")
+    print(f"  {stage1 / 'samples'}/recon_*.png (validate inputs over reconstructions)")
+    print("Metrics:")
+    for name in ("metrics_stage1_test.json", "metrics_ldm.json", "metrics_pixelcnn.json"):
+        if (out / name).exists():
+            print(f"  {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
