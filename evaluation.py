@@ -23,8 +23,9 @@ Commands (the real-vs-real baseline: real *test* slices scored as if they were s
     python evaluation.py --data /path/to/OASIS --size 128 --n 512 --out runs/baseline_128.json
 """
 import argparse
+import contextlib
 import hashlib
-import math
+import json
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import util
 from util import UserError
 
 CACHE_DIR = Path(__file__).resolve().parent / "runs" / "_cache"
-ZREG_VERSION = 1
+ZREG_VERSION = 2
 SWD_PATCH = 7  # neighbourhood size of the SWD descriptors (Karras et al.)
 SWD_MIN_RES = 16  # coarsest pyramid level
 NN_MAX_RES = 64  # nearest-neighbour search runs at most at 64x64 (area-downsampled)
@@ -205,7 +206,8 @@ def random_pairs(n, pairs, seed=0, z=None):
 
 @torch.no_grad()
 def diversity(images, pairs=256, seed=0, z=None, batch_size=128):
-    """Mean MS-SSIM (util.ms_ssim) over random pairs of images; same-z pairs when `z` is given."""
+    """Mean MS-SSIM (util.ms_ssim) over `pairs` random pairs of images: 1.0 for identical images, near 0
+    for unrelated noise. With `z`, pairs share a z-index (see random_pairs)."""
     images = images.float()
     idx = torch.from_numpy(random_pairs(len(images), pairs, seed, z))
     values = [util.ms_ssim(images[idx[s:s + batch_size, 0]], images[idx[s:s + batch_size, 1]])
@@ -290,17 +292,39 @@ def _augment(x, gen):
     return ((x + 1) * gain - 1).clamp(-1, 1)
 
 
-def train_z_regressor(images, z, num_z, steps=600, batch_size=64, lr=2e-3, seed=0):
-    """Fit a ZRegressor on images (uint8 or float in [-1, 1], [N, 1, H, W]) with known z >= 0."""
+@contextlib.contextmanager
+def _one_thread():
+    """Run a block on one intra-op thread, then restore the setting.
+
+    The regressor is so small that a second thread gains nothing, while on a loaded machine
+    (other jobs on the same cores) two spinning threads made training 4-60x slower in our timings.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_z_regressor(images, z, num_z, steps=800, batch_size=64, lr=2e-3, seed=0):
+    """Fit a ZRegressor on images (uint8 or float in [-1, 1], [N, 1, H, W]) with known z >= 0 (one thread)."""
+    with _one_thread():
+        return _fit_z_regressor(images, z, num_z, steps, batch_size, lr, seed)
+
+
+def _fit_z_regressor(images, z, num_z, steps, batch_size, lr, seed):
+    """The training loop of train_z_regressor: AdamW, one-cycle LR, smooth L1 on z / (num_z - 1)."""
     keep = z >= 0
     if int(keep.sum()) < 2:
         raise ValueError("need at least two slices with a known z-index to train the z regressor")
     images, z = images[keep], z[keep].float()
     # 32x32 is all the regressor looks at: downsample once instead of every step.
     x_all = F.adaptive_avg_pool2d(_as_float(images), 32)
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = ZRegressor(num_z)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
+        torch.manual_seed(seed)
+        model = ZRegressor(num_z)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     scale = max(num_z - 1, 1)
@@ -347,7 +371,7 @@ def z_regressor_path(data_path, size, cache_dir=None):
     return Path(cache_dir or CACHE_DIR) / f"zreg_{key}.pt"
 
 
-def z_regressor_for(data_path, size, cache_dir=None, steps=600, verbose=True, train=None):
+def z_regressor_for(data_path, size, cache_dir=None, steps=800, verbose=True, train=None):
     """The z regressor of a dataset at a size: loaded from the cache, or trained on its train split and cached.
 
     `train` may pass the already loaded train SliceSet. Raises UserError for data without z-indices.
@@ -364,12 +388,17 @@ def z_regressor_for(data_path, size, cache_dir=None, steps=600, verbose=True, tr
     start = time.time()
     model = train_z_regressor(images, z, train.num_z, steps=steps)
     seconds = time.time() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    util.save_checkpoint({"kind": "zreg", "version": ZREG_VERSION, "num_z": train.num_z, "width": model.width,
-                          "size": int(size), "data": str(Path(data_path).resolve()), "fingerprint": fingerprint,
-                          "train_seconds": seconds, "model": model.state_dict()}, path)
+    state = {"kind": "zreg", "version": ZREG_VERSION, "num_z": train.num_z, "width": model.width, "size": int(size),
+             "data": str(Path(data_path).resolve()), "fingerprint": fingerprint, "steps": steps,
+             "train_seconds": seconds, "model": model.state_dict()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        util.save_checkpoint(state, path)
+        where = f"cached at {path}"
+    except OSError as err:  # a read-only checkout still gets its metric, just no cache
+        where = f"not cached ({path.parent}: {err.strerror or err})"
     if verbose:
-        print(f"z regressor: trained on {len(images)} train slices in {seconds:.1f} s, cached at {path}", flush=True)
+        print(f"z regressor: trained on {len(images)} train slices in {seconds:.1f} s, {where}", flush=True)
     return model
 
 
@@ -379,7 +408,7 @@ def _load_regressor(path, fingerprint):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("version") != ZREG_VERSION or state.get("fingerprint") != fingerprint:
+        if (state.get("version"), state.get("fingerprint")) != (ZREG_VERSION, fingerprint):
             return None
         model = ZRegressor(state["num_z"], state["width"])
         model.load_state_dict(state["model"])
@@ -501,20 +530,20 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
     timings["swd"] = time.time() - t
 
     t = time.time()
-    use_z = train.conditional
+    use_z = train.conditional and bool((z >= 0).any())  # conditional data and samples asked for z-indices
     metrics["diversity_ms_ssim"] = diversity(images, pairs, seed, z.numpy() if use_z else None)
     metrics["diversity_ms_ssim_real"] = diversity(val_f, pairs, seed, val_z.numpy() if use_z else None)
     metrics["diversity_pairs"] = "same z-index" if use_z else "random"
     timings["diversity"] = time.time() - t
 
     t = time.time()
-    if use_z and bool((z >= 0).any()):
+    if use_z:
         reg = z_regressor_for(root, size, cache_dir, verbose=verbose, train=train)
         metrics["z_mae"] = z_mae(reg, images, z)
         metrics["z_mae_real"] = z_mae(reg, val_f, val_z)
     else:
         metrics["z_mae"] = metrics["z_mae_real"] = None
-        metrics["z_mae_skipped"] = ("the dataset has no z-indices (unconditional)" if not use_z
+        metrics["z_mae_skipped"] = ("the dataset has no z-indices (unconditional)" if not train.conditional
                                     else "the samples were generated without z-indices")
     timings["z_regressor"] = time.time() - t
 
@@ -539,9 +568,7 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
 
 def report(metrics, out=None):
     """Print the metrics as indented JSON; also write them to `out` when given."""
-    import json
-
-    print(json.dumps(metrics, indent=2, sort_keys=False, default=str))
+    print(json.dumps(metrics, indent=2, default=str))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         util.save_json(metrics, out)

@@ -195,7 +195,8 @@ class DiagonalGaussian:
     """Diagonal Gaussian posterior q(latent | x) from a [B, 2C, h, w] tensor of means and log-variances."""
 
     def __init__(self, moments, logvar_min=-30.0, logvar_max=20.0):
-        self.mean, logvar = moments.chunk(2, dim=1)
+        # fp32 even under bf16 autocast: the KL sums thousands of terms per sample
+        self.mean, logvar = moments.float().chunk(2, dim=1)
         # clamping keeps exp(logvar) finite early in training, when the encoder output is arbitrary
         self.logvar = logvar.clamp(logvar_min, logvar_max)
         self.std = torch.exp(0.5 * self.logvar)
@@ -440,6 +441,12 @@ class VQVAE(_Autoencoder):
     def encode_indices(self, x, z=None):
         """Code indices [B, h, w] (the PixelCNN's data)."""
         return self.encode(x, z)[1]
+
+    def quantize_latent(self, latent):
+        """Snap continuous latents [B, embed_dim, h, w] (e.g. diffusion samples) to their nearest codes."""
+        b, d, h, w = latent.shape
+        idx = self.quantizer.nearest(latent.float().permute(0, 2, 3, 1).reshape(-1, d))
+        return self.quantizer.lookup(idx.view(b, h, w)).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,14 +17,29 @@ Public API:
   per row, one new column of the horizontal stack per position), which gives exactly the logits of
   `forward` at about the compute of a single forward pass per grid.
 - `bits_per_code(logits, targets)`, `code_loss(model, indices, z, p_uncond)`: training losses.
+
+Commands:
+    python pixelCNN.py train --ae runs/stage1-vqvae/best.pt                   # demo preset on CPU
+    python pixelCNN.py train --ae runs/vq-full/best.pt --preset full --out runs/pixelcnn-full
+    python pixelCNN.py train --resume runs/pixelcnn-demo
+    python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --n 2 --z 0..31 --temperature 1.0 \
+        --seed 0 --out grid.png
+    python pixelCNN.py evaluate --ckpt runs/pixelcnn-demo/best.pt --n 4
+    torchrun --nproc_per_node=4 pixelCNN.py train --ae runs/vq-full/best.pt --preset full
 """
+import argparse
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import trainer as tr
+import util
 from module import ConditionEmbedding
+from util import UserError
 
 # Temperatures at or below this are treated as 0: greedy (argmax) sampling.
 GREEDY_TEMPERATURE = 1e-4
@@ -105,7 +120,14 @@ class GatedLayer(nn.Module):
 
 
 class GatedPixelCNN(nn.Module):
-    """Conditional gated PixelCNN over a code grid: `forward(indices [B,h,w], z [B]) -> logits [B,K,h,w]`."""
+    """Conditional gated PixelCNN over a code grid: `forward(indices [B,h,w], z [B]) -> logits [B,K,h,w]`.
+
+    `n_codes` K, `hidden` channels of both stacks, `n_layers` gated layers (the first of type A), odd
+    `kernel_size` k (each layer reaches k//2 rows up and k//2 columns to each side), `conditional` on the
+    z-index, `cond_dim` width of its embedding (default `hidden`), `dropout` in the horizontal stack.
+    `num_z` (number of z-indices) is recorded for the callers only: the sinusoidal z code needs no table.
+    The grid size is free: one model handles 16x16 and 32x32 grids alike.
+    """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
                  cond_dim=None, dropout=0.0):
@@ -319,3 +341,259 @@ def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance
 
 # ------------------------------------------------------------------------------------------
 # Command line (train / sample): added by the CLI work
+
+PRESETS = {
+    "full": dict(hidden=192, n_layers=15, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=64, lr=3e-4,
+                 warmup=1000, steps=100000, log_every=100, val_every=5000, ckpt_every=5000, sample_every=1, seed=0),
+    "demo": dict(hidden=64, n_layers=8, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=32, lr=1e-3,
+                 warmup=100, steps=1500, log_every=50, val_every=500, ckpt_every=500, sample_every=1, seed=0),
+    "smoke": dict(hidden=16, n_layers=3, kernel_size=3, dropout=0.0, p_uncond=0.1, batch_size=8, lr=1e-3,
+                  warmup=2, steps=6, log_every=2, val_every=3, ckpt_every=3, sample_every=1, seed=0),
+}
+PRIOR_KEYS = ("hidden", "n_layers", "kernel_size", "dropout")
+
+
+def code_cache(ae, ae_ckpt, config, device, cache_path):
+    """Encode train and validate splits to code indices once (reused on resume for the same stage one)."""
+    import dataset
+
+    ae_hash = util.file_sha256(ae_ckpt["_path"])
+    cached = util.load_cache(cache_path, ae_hash)
+    if cached is not None:
+        return cached
+    data_path = dataset.ensure_dataset(config.get("data") or ae_ckpt["config"].get("data"), ae_ckpt["config"]["size"])
+    splits = dataset.load_splits(data_path, size=ae_ckpt["config"]["size"], splits=("train", "validate"))
+    t0 = time.perf_counter()
+    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(data_path), "num_z": max(splits["train"].num_z, 1)}
+    for name, split in splits.items():
+        images, z = split.tensors()
+        cache[name] = util.encode_split(ae, images, z, device, what="indices")
+        cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
+    print(f"code cache: encoded {len(cache['train'])} train + {len(cache['validate'])} validate slices "
+          f"in {time.perf_counter() - t0:.1f}s -> {tuple(cache['train'].shape[1:])} code grids")
+    util.save_checkpoint(cache, cache_path)
+    return cache
+
+
+def build_prior(config):
+    """The PixelCNN of a config."""
+    return GatedPixelCNN(config["n_codes"], conditional=config["conditional"], num_z=config["num_z"],
+                         **{k: config[k] for k in PRIOR_KEYS})
+
+
+class PixelCNNTask(tr.Task):
+    """Cross-entropy on cached code grids; validate bits per code and a decoded sample grid."""
+
+    kind = "pixelcnn"
+    select_metric = ("val/bits_per_code", "min")
+    items_name = "grids"
+
+    def __init__(self, config, device, ae, cache, world):
+        super().__init__()
+        self.config, self.device, self.ae = config, device, ae
+        torch.manual_seed(config["seed"])
+        self.model = build_prior(config).to(device)
+        self.models = {"model": self.model}
+        self.optimizers = {"opt": torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0)}
+        self.val_codes, self.val_z = cache["validate"], cache["validate_z"]
+        self.model_train = self.model
+        if world > 1:
+            self.model_train = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        if config.get("compile"):
+            self.model_train = torch.compile(self.model_train)
+        self.validations = 0
+
+    def extra_state(self):
+        return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"], "grid": list(self.config["grid"])}
+
+    def train_step(self, batch, step):
+        cfg = self.config
+        codes, z = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
+        lr = tr.warmup_lr(step, cfg["lr"], cfg["warmup"])
+        tr.set_lr(self.optimizers["opt"], lr)
+        with util.autocast(self.device):
+            loss, bits = code_loss(self.model_train, codes, z if cfg["conditional"] else None, cfg["p_uncond"])
+        opt = self.optimizers["opt"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss/ce": loss.detach(), "bits_per_code": bits.detach(), "lr": torch.tensor(lr)}
+
+    @torch.no_grad()
+    def validate(self, step, run_dir):
+        cfg = self.config
+        n = min(len(self.val_codes), 512)
+        total = 0.0
+        for i in range(0, n, 64):
+            codes = self.val_codes[i:min(i + 64, n)].to(self.device)
+            z = self.val_z[i:min(i + 64, n)].to(self.device) if cfg["conditional"] else None
+            logits = self.model(codes, z).float()
+            total += bits_per_code(logits, codes).item() * len(codes)
+        metrics = {"val/bits_per_code": total / n}
+        self.validations += 1
+        if self.validations % cfg["sample_every"] == 0 or step == cfg["steps"]:
+            zs = list(range(0, cfg["num_z"], max(1, cfg["num_z"] // 8)))[:8] if cfg["conditional"] else [-1] * 8
+            z = torch.tensor(zs)
+            codes = sample_codes(self.model, tuple(cfg["grid"]), z.to(self.device) if cfg["conditional"] else None,
+                                 generator=torch.Generator(device=self.device).manual_seed(cfg["seed"]))
+            imgs = decode_codes(self.ae, codes, z, self.device)
+            util.save_image_grid(imgs, run_dir / "samples" / f"sample_{step:07d}.png", nrow=len(zs))
+        return metrics
+
+
+@torch.no_grad()
+def decode_codes(ae, codes, z, device, batch_size=64):
+    """Decode code grids with the frozen VQ-VAE decoder."""
+    out = []
+    conditional = util.model_is_conditional(ae)
+    for i in range(0, len(codes), batch_size):
+        zz = z[i:i + batch_size].to(device) if conditional else None
+        with util.autocast(device):
+            out.append(ae.decode_indices(codes[i:i + batch_size].to(device), zz).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def load_vqvae(path, device, flag="--ae"):
+    """The frozen stage-one model, refused unless it is a VQ-VAE (a VAE has no codes to model)."""
+    ae, ae_ckpt = util.load_autoencoder(path, device, flag=flag)
+    if ae_ckpt["model_type"] != "vqvae":
+        raise UserError(f"{flag} {ae_ckpt['_path']}: is a {ae_ckpt['model_type'].upper()} checkpoint; the PixelCNN "
+                        f"models discrete codes and needs a VQ-VAE (train one with prestage_train.py --model vqvae, "
+                        f"or use stable_diffusion.py for a VAE)")
+    return ae, ae_ckpt
+
+
+def train(args):
+    """pixelCNN.py train."""
+    config = tr.resolve_config(args, PRESETS, "pixelcnn", exclude=("command",))
+    rank, world, device = tr.setup_distributed(config.get("device") or "auto")
+    if not config.get("ae"):
+        raise UserError("train needs --ae PATH (a VQ-VAE stage-one checkpoint such as runs/stage1-vq/best.pt)")
+    ae, ae_ckpt = load_vqvae(config["ae"], device)
+    config["ae"] = ae_ckpt["_path"]
+    if rank == 0:
+        print(f"preset: {config['preset']}; stage one: vqvae from {config['ae']}")
+    out = Path(config["out"])
+    util.check_writable(out, "--resume" if args.resume else "--out")
+    cache = code_cache(ae, ae_ckpt, config, device, out / "codes.pt")
+    config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"],
+                  conditional=bool((cache["train_z"] >= 0).any()), grid=list(cache["train"].shape[1:]),
+                  n_codes=ae.n_embed)
+    if args.dry_run:
+        tr.print_config(config)
+        return 0
+    task = PixelCNNTask(config, device, ae, cache, world)
+    if rank == 0:
+        print(f"codes {config['grid']} of {config['n_codes']}; PixelCNN "
+              f"{sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
+    data = tr.data_to_device((cache["train"], cache["train_z"]), device)
+    fit = tr.start_run(task, config, data, args.resume, args.overwrite, rank, world, device)
+    fit.fit()
+    if rank == 0:
+        print(f"done: {config['out']}/best.pt (best val/bits_per_code {fit.best:.4f})")
+    tr.cleanup_distributed()
+    return 0
+
+
+def load_prior(path, device, ae_override=None):
+    """Rebuild the PixelCNN and its frozen VQ-VAE from a checkpoint."""
+    ckpt = util.load_checkpoint(path, kind="pixelcnn")
+    model = build_prior(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config ({str(err).splitlines()[0][:160]})") from None
+    ae, ae_ckpt = load_vqvae(ae_override or ckpt["ae_path"], device, "--ae" if ae_override else f"stage-one checkpoint of {ckpt['_path']}")
+    if util.file_sha256(ae_ckpt["_path"]) != ckpt["ae_sha256"]:
+        print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
+    return model.to(device).eval(), ae, ckpt
+
+
+def generate(model, ae, ckpt, z, device, temperature, seed, batch_size=64):
+    """Sample code grids for each z (batched) and decode them; returns images and seconds taken."""
+    config = ckpt["config"]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    codes = []
+    for i in range(0, len(z), batch_size):
+        zz = z[i:i + batch_size].to(device) if config["conditional"] else None
+        codes.append(sample_codes(model, tuple(ckpt["grid"]), zz if zz is not None else None, temperature=temperature,
+                                  generator=gen, batch_size=len(z[i:i + batch_size])))
+    images = decode_codes(ae, torch.cat(codes), z, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - t0
+
+
+def sample_cmd(args):
+    """pixelCNN.py sample."""
+    device = util.pick_device(args.device)
+    model, ae, ckpt = load_prior(args.ckpt, device, args.ae)
+    config = ckpt["config"]
+    zs = util.parse_z_spec(args.z, config["num_z"]) if config["conditional"] else [-1]
+    z = util.sample_grid_z(zs, args.n)
+    out = Path(args.out)
+    util.check_writable(out.parent, "--out")
+    images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size)
+    util.save_image_grid(images, out, nrow=len(zs))
+    print(f"{len(images)} samples (temperature {args.temperature}) in {seconds:.2f}s: "
+          f"{seconds / len(images) * 1000:.1f} ms per image -> {out}")
+    return 0
+
+
+def evaluate_cmd(args):
+    """pixelCNN.py evaluate: sample n per z-index and score them against real validate slices."""
+    import evaluation
+
+    device = util.pick_device(args.device)
+    model, ae, ckpt = load_prior(args.ckpt, device, args.ae)
+    config = ckpt["config"]
+    zs = list(range(config["num_z"])) if config["conditional"] else [-1]
+    z = util.sample_grid_z(zs, args.n)
+    images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size)
+    metrics = evaluation.evaluate_samples(images, z, config["data"])
+    metrics.update(sampler="pixelcnn", temperature=args.temperature, ms_per_image=seconds / len(images) * 1000)
+    evaluation.report(metrics, args.out)
+    return 0
+
+
+def parse_args(argv):
+    """train | sample | evaluate sub-commands."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the prior on the codes of a frozen VQ-VAE")
+    tr.add_common_args(t, PRESETS)
+    t.add_argument("--ae", default=None, help="VQ-VAE stage-one checkpoint (runs/NAME/best.pt)")
+    t.add_argument("--data", default=None, help="dataset (default: the one stage one was trained on)")
+    t.add_argument("--hidden", type=int, default=None, help="channels of the gated stacks")
+    t.add_argument("--n-layers", type=int, default=None, help="gated layers (first is type A, the rest type B)")
+    t.add_argument("--kernel-size", type=int, default=None, help="odd kernel size of the masked convolutions")
+    t.add_argument("--dropout", type=float, default=None, help="dropout in the gated layers")
+    t.add_argument("--p-uncond", type=float, default=None, help="probability of dropping the z condition")
+    t.add_argument("--warmup", type=int, default=None, help="LR warm-up steps")
+    t.add_argument("--sample-every", type=int, default=None, help="write a sample grid every N validations")
+    for name, helptext in (("sample", "sample slices for chosen z-indices"), ("evaluate", "generation metrics")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--ckpt", required=True, help="PixelCNN checkpoint (runs/NAME/best.pt)")
+        s.add_argument("--ae", default=None, help="override the VQ-VAE checkpoint recorded in --ckpt")
+        s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")
+        s.add_argument("--seed", type=int, default=0, help="sampling seed")
+        s.add_argument("--batch-size", type=int, default=64, help="grids sampled at once")
+        s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        s.add_argument("--n", type=int, default=1 if name == "sample" else 4, help="samples per z-index")
+        if name == "sample":
+            s.add_argument("--z", default="0..31", help="z-indices: a range 0..31, or a list 0,8,16")
+            s.add_argument("--out", default="samples_pixelcnn.png", help="PNG grid: a row per sample, a column per z")
+        else:
+            s.add_argument("--out", default=None, help="write the metrics as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """Dispatch the sub-command."""
+    args = parse_args(argv)
+    return {"train": train, "sample": sample_cmd, "evaluate": evaluate_cmd}[args.command](args)
+
+
+if __name__ == "__main__":
+    util.run_cli(main)

@@ -144,12 +144,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model):
-        src = unwrap(model).state_dict()
-        for name, value in self.model.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.lerp_(src[name], 1 - self.decay)
-            else:
-                value.copy_(src[name])
+        """Average the parameters; copy buffers (running statistics or EMA codebooks are not weights)."""
+        src = unwrap(model)
+        for ema_p, p in zip(self.model.parameters(), src.parameters()):
+            ema_p.lerp_(p.detach(), 1 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), src.buffers()):
+            ema_b.copy_(b)
 
 
 def warmup_lr(step, base_lr, warmup_steps):

@@ -132,6 +132,7 @@ def test_swd_is_zero_for_identical_sets_and_grows_with_shift():
 
 
 def _msssim_pair(size, seed):
+    """Two related test images (a smooth pattern plus independent noise) from a fixed numpy seed."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = np.sin(6 * xx) * np.cos(4 * yy)
@@ -324,3 +325,12 @@ def test_cli_reports_bad_arguments_in_one_line():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: --n 1") and "Traceback" not in proc.stderr
+
+
+def test_unconditional_samples_on_conditional_data_skip_z_and_pair_randomly(disc_data):
+    root, cache = disc_data
+    images = dataset.to_float(dataset.load_split(root, "test", size=32).tensors()[0][:40])
+    out = ev.evaluate_samples(images, torch.full((40,), -1), root, cache_dir=cache, pairs=16, swd_patches=16,
+                              swd_proj=16, verbose=False)
+    assert out["z_mae"] is None and "without z-indices" in out["z_mae_skipped"]
+    assert out["diversity_pairs"] == "random"

@@ -123,10 +123,9 @@ def test_vae_forward_deterministic_without_sampling():
 
 def test_condition_changes_output_only_when_conditional():
     x = torch.randn(2, 1, 32, 32)
-    # ch=32 so that GroupNorm groups hold several channels: module.ResBlock adds the condition before a
-    # GroupNorm, which cancels it completely where every group is a single channel (width <= 32)
-    cond_model = tiny(VAE, conditional=True, ch=32).eval()
-    uncond_model = tiny(VAE, conditional=False, ch=32).eval()
+    # ch=8: every GroupNorm group is one channel, where a condition added before the norm would vanish
+    cond_model = tiny(VAE, conditional=True).eval()
+    uncond_model = tiny(VAE, conditional=False).eval()
     with torch.no_grad():
         a = cond_model(x, torch.tensor([0, 3]), sample_posterior=False)["recon"]
         b = cond_model(x, torch.tensor([20, -1]), sample_posterior=False)["recon"]
@@ -201,6 +200,7 @@ def brute_force_nearest(flat, codebook):
 
 
 def to_flat(z_e):
+    """[B, D, h, w] -> [B*h*w, D] in the quantizer's row order."""
     return z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
 
 
@@ -314,6 +314,22 @@ def test_dead_codes_restart_from_encoder_outputs():
         assert torch.equal(vq.codebook[k].detach(), before[k])
 
 
+def test_first_training_batch_seeds_codes_from_data():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 2, ema=True, ema_decay=0.99, restart_dead=True, dead_threshold=0.1).train()
+    z_e = torch.randn(1, 2, 4, 4) * 5  # far outside the tiny uniform init: all vectors pick one or two codes
+    _, indices, _, _ = vq(z_e)
+    counts = torch.bincount(indices.flatten(), minlength=8)
+    flat = to_flat(z_e)
+    for k in range(8):
+        matches = (flat - vq.codebook[k]).abs().max(dim=1).values < 1e-5
+        if counts[k] >= 10:  # (1 - decay) * count >= threshold: kept, moved to the mean of its vectors
+            torch.testing.assert_close(vq.codebook[k], flat[indices.flatten() == k].mean(0), rtol=1e-3, atol=1e-4)
+        else:  # barely used in the first batch: re-seeded from an encoder output
+            assert matches.any()
+    assert (counts < 10).sum() >= 6
+
+
 def test_dead_code_restart_is_deterministic_under_torch_seed():
     def restarted():
         torch.manual_seed(3)
@@ -407,3 +423,16 @@ def test_input_validation():
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="not divisible"):
         model(torch.randn(1, 1, 33, 32))
+
+
+def test_quantize_latent_snaps_to_nearest_code():
+    from model_VAE import VQVAE
+
+    model = VQVAE(resolution=32, ch=16, ch_mult=(1, 2), num_res_blocks=1, n_embed=8, embed_dim=4)
+    codes = model.quantizer.codebook.detach()
+    idx = torch.tensor([[[0, 3], [7, 5]]])
+    exact = codes[idx].permute(0, 3, 1, 2)
+    noisy = exact + 1e-4 * torch.randn_like(exact)
+    torch.testing.assert_close(model.quantize_latent(noisy), exact)
+    brute = ((noisy.permute(0, 2, 3, 1)[..., None, :] - codes) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(brute, idx)
