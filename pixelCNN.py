@@ -343,36 +343,48 @@ def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance
 # Command line (train / sample): added by the CLI work
 
 PRESETS = {
-    "full": dict(hidden=192, n_layers=15, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=64, lr=3e-4,
+    "full": dict(lr_schedule="cosine", hidden=192, n_layers=15, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=64, lr=3e-4,
                  warmup=1000, steps=100000, log_every=100, val_every=5000, ckpt_every=5000, sample_every=1, seed=0),
-    "demo": dict(hidden=64, n_layers=8, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=32, lr=1e-3,
-                 warmup=100, steps=1500, log_every=50, val_every=500, ckpt_every=500, sample_every=1, seed=0),
-    "smoke": dict(hidden=16, n_layers=3, kernel_size=3, dropout=0.0, p_uncond=0.1, batch_size=8, lr=1e-3,
+    "demo": dict(lr_schedule="cosine", hidden=64, n_layers=8, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=32, lr=1e-3,
+                 warmup=50, steps=600, log_every=25, val_every=200, ckpt_every=200, sample_every=1, seed=0),
+    "smoke": dict(lr_schedule="cosine", hidden=16, n_layers=3, kernel_size=3, dropout=0.0, p_uncond=0.1, batch_size=8, lr=1e-3,
                   warmup=2, steps=6, log_every=2, val_every=3, ckpt_every=3, sample_every=1, seed=0),
 }
 PRIOR_KEYS = ("hidden", "n_layers", "kernel_size", "dropout")
 
 
-def code_cache(ae, ae_ckpt, config, device, cache_path):
+def code_cache(ae, ae_ckpt, config, device, cache_path, write=True):
     """Encode train and validate splits to code indices once (reused on resume for the same stage one)."""
     import dataset
 
     ae_hash = util.file_sha256(ae_ckpt["_path"])
+    wanted = config.get("data") or ae_ckpt["config"].get("data")
     cached = util.load_cache(cache_path, ae_hash)
-    if cached is not None:
-        return cached
-    data_path = dataset.ensure_dataset(config.get("data") or ae_ckpt["config"].get("data"), ae_ckpt["config"]["size"])
+    if cached is not None and same_data(cached.get("data"), wanted, ae_ckpt["config"]["size"]):
+        return cached  # (a cache of other data, e.g. left by a run with another --data, is rebuilt)
+    data_path = dataset.ensure_dataset(wanted, ae_ckpt["config"]["size"])
     splits = dataset.load_splits(data_path, size=ae_ckpt["config"]["size"], splits=("train", "validate"))
     t0 = time.perf_counter()
-    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(data_path), "num_z": max(splits["train"].num_z, 1)}
+    # The absolute path: sample/evaluate may run from another working directory.
+    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
+             "num_z": max(splits["train"].num_z, 1)}
     for name, split in splits.items():
         images, z = split.tensors()
         cache[name] = util.encode_split(ae, images, z, device, what="indices")
         cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
     print(f"code cache: encoded {len(cache['train'])} train + {len(cache['validate'])} validate slices "
           f"in {time.perf_counter() - t0:.1f}s -> {tuple(cache['train'].shape[1:])} code grids")
-    util.save_checkpoint(cache, cache_path)
+    if write:  # rank 0 only under torchrun
+        util.save_checkpoint(cache, cache_path)
     return cache
+
+
+def same_data(cached, wanted, size):
+    """Whether a cache built from dataset `cached` serves a run asking for `wanted` (None: the embedded set)."""
+    import dataset
+
+    wanted = Path(wanted) if wanted else dataset.default_data_dir(size)
+    return cached is not None and Path(cached).resolve() == wanted.resolve()
 
 
 def build_prior(config):
@@ -401,7 +413,6 @@ class PixelCNNTask(tr.Task):
             self.model_train = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         if config.get("compile"):
             self.model_train = torch.compile(self.model_train)
-        self.validations = 0
 
     def extra_state(self):
         return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"], "grid": list(self.config["grid"])}
@@ -409,7 +420,7 @@ class PixelCNNTask(tr.Task):
     def train_step(self, batch, step):
         cfg = self.config
         codes, z = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
-        lr = tr.warmup_lr(step, cfg["lr"], cfg["warmup"])
+        lr = tr.lr_at(step, cfg)
         tr.set_lr(self.optimizers["opt"], lr)
         with util.autocast(self.device):
             loss, bits = code_loss(self.model_train, codes, z if cfg["conditional"] else None, cfg["p_uncond"])
@@ -430,12 +441,13 @@ class PixelCNNTask(tr.Task):
             logits = self.model(codes, z).float()
             total += bits_per_code(logits, codes).item() * len(codes)
         metrics = {"val/bits_per_code": total / n}
-        self.validations += 1
-        if self.validations % cfg["sample_every"] == 0 or step == cfg["steps"]:
+        # Counted from the step (not from validations since start), so a resumed run samples at the same steps.
+        if (step // cfg["val_every"]) % cfg["sample_every"] == 0 or step == cfg["steps"]:
             zs = list(range(0, cfg["num_z"], max(1, cfg["num_z"] // 8)))[:8] if cfg["conditional"] else [-1] * 8
             z = torch.tensor(zs)
             codes = sample_codes(self.model, tuple(cfg["grid"]), z.to(self.device) if cfg["conditional"] else None,
-                                 generator=torch.Generator(device=self.device).manual_seed(cfg["seed"]))
+                                 generator=torch.Generator(device=self.device).manual_seed(cfg["seed"]),
+                                 batch_size=len(zs))
             imgs = decode_codes(self.ae, codes, z, self.device)
             util.save_image_grid(imgs, run_dir / "samples" / f"sample_{step:07d}.png", nrow=len(zs))
         return metrics
@@ -474,8 +486,12 @@ def train(args):
     if rank == 0:
         print(f"preset: {config['preset']}; stage one: vqvae from {config['ae']}")
     out = Path(config["out"])
-    util.check_writable(out, "--resume" if args.resume else "--out")
-    cache = code_cache(ae, ae_ckpt, config, device, out / "codes.pt")
+    if rank == 0:  # (only rank 0 touches the run directory: no races between processes)
+        if args.resume or args.overwrite:
+            util.check_writable(out, "--resume" if args.resume else "--out")
+        else:  # refuse an existing run now, before encoding (which would also replace that run's codes.pt)
+            util.prepare_run_dir(out, flag="--out")
+    cache = code_cache(ae, ae_ckpt, config, device, out / "codes.pt", write=rank == 0)
     config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"],
                   conditional=bool((cache["train_z"] >= 0).any()), grid=list(cache["train"].shape[1:]),
                   n_codes=ae.n_embed)
@@ -489,8 +505,9 @@ def train(args):
     data = tr.data_to_device((cache["train"], cache["train_z"]), device)
     fit = tr.start_run(task, config, data, args.resume, args.overwrite, rank, world, device)
     fit.fit()
-    if rank == 0:
-        print(f"done: {config['out']}/best.pt (best val/bits_per_code {fit.best:.4f})")
+    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
+        best = "none" if fit.best is None else f"{fit.best:.4f}"
+        print(f"done: {config['out']}/best.pt (best val/bits_per_code {best})")
     tr.cleanup_distributed()
     return 0
 
@@ -507,6 +524,12 @@ def load_prior(path, device, ae_override=None):
     if util.file_sha256(ae_ckpt["_path"]) != ckpt["ae_sha256"]:
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
     return model.to(device).eval(), ae, ckpt
+
+
+def check_sample_args(args):
+    """One clear line for sample/evaluate flags that would otherwise fail deep inside sampling."""
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError(f"--n {args.n} --batch-size {args.batch_size}: both must be at least 1")
 
 
 def generate(model, ae, ckpt, z, device, temperature, seed, batch_size=64):
@@ -527,6 +550,7 @@ def generate(model, ae, ckpt, z, device, temperature, seed, batch_size=64):
 
 def sample_cmd(args):
     """pixelCNN.py sample."""
+    check_sample_args(args)
     device = util.pick_device(args.device)
     model, ae, ckpt = load_prior(args.ckpt, device, args.ae)
     config = ckpt["config"]
@@ -545,6 +569,7 @@ def evaluate_cmd(args):
     """pixelCNN.py evaluate: sample n per z-index and score them against real validate slices."""
     import evaluation
 
+    check_sample_args(args)
     device = util.pick_device(args.device)
     model, ae, ckpt = load_prior(args.ckpt, device, args.ae)
     config = ckpt["config"]

@@ -29,17 +29,17 @@ from util import UserError
 
 # Values every preset sets; any one can be overridden by its flag (--ch-mult 1,2,4 etc.).
 PRESETS = {
-    "full": dict(size=256, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[32], z_channels=4,
+    "full": dict(lr_schedule="cosine", size=256, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[32], z_channels=4,
                  dropout=0.0, n_embed=1024, embed_dim=4, vq_ema=True, batch_size=16, lr=1e-4, steps=150000,
                  warmup=1000, disc_start=50000, disc_weight=0.5, disc_ch=64, disc_layers=3, gan_loss="hinge",
                  perceptual="auto", perceptual_weight=1.0, rec_loss="l1", kl_weight=1e-6, kl_cycles=4,
                  kl_ramp=0.5, log_every=50, val_every=2000, ckpt_every=2000, val_max=1120, seed=0),
-    "demo": dict(size=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                 dropout=0.0, n_embed=256, embed_dim=4, vq_ema=True, batch_size=16, lr=4e-4, steps=1500,
-                 warmup=100, disc_start=1000, disc_weight=0.1, disc_ch=32, disc_layers=2, gan_loss="hinge",
+    "demo": dict(lr_schedule="cosine", size=64, ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, attn_resolutions=[], z_channels=4,
+                 dropout=0.0, n_embed=256, embed_dim=4, vq_ema=True, batch_size=16, lr=5e-4, steps=1000,
+                 warmup=50, disc_start=750, disc_weight=0.1, disc_ch=32, disc_layers=2, gan_loss="hinge",
                  perceptual="msssim", perceptual_weight=0.5, rec_loss="l1", kl_weight=1e-6, kl_cycles=2,
-                 kl_ramp=0.5, log_every=25, val_every=250, ckpt_every=250, val_max=256, seed=0),
-    "smoke": dict(size=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=4,
+                 kl_ramp=0.5, log_every=25, val_every=200, ckpt_every=200, val_max=192, seed=0),
+    "smoke": dict(lr_schedule="cosine", size=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=4,
                   dropout=0.0, n_embed=32, embed_dim=4, vq_ema=True, batch_size=8, lr=1e-3, steps=8,
                   warmup=2, disc_start=4, disc_weight=0.1, disc_ch=16, disc_layers=2, gan_loss="hinge",
                   perceptual="msssim", perceptual_weight=0.5, rec_loss="l1", kl_weight=1e-6, kl_cycles=2,
@@ -113,7 +113,7 @@ class StageOneTask(tr.Task):
         cfg = self.config
         x = dataset.to_float(batch[0]).to(self.device, non_blocking=True)
         z = batch[1].to(self.device) if self.conditional else None
-        lr = tr.warmup_lr(step, cfg["lr"], cfg["warmup"])
+        lr = tr.lr_at(step, cfg)
         for opt in self.optimizers.values():
             tr.set_lr(opt, lr)
         with util.autocast(self.device):
@@ -165,8 +165,11 @@ class StageOneTask(tr.Task):
     @torch.no_grad()
     def validate(self, step, run_dir):
         metrics = reconstruction_metrics(self.model, self.val_images, self.val_z, self.device, self.config)
-        grid = reconstruct(self.model, self.val_images[:8], self.val_z[:8], self.device, self.conditional)
-        util.save_image_grid(torch.cat([dataset.to_float(self.val_images[:8]), grid]), run_dir / "samples" / f"recon_{step:07d}.png")
+        # eight slices spread over the first subject's z range: bottom to top of one brain
+        pick = torch.linspace(0, min(len(self.val_images), 32) - 1, 8).round().long()
+        images = self.val_images.index_select(0, pick)
+        grid = reconstruct(self.model, images, self.val_z.index_select(0, pick), self.device, self.conditional)
+        util.save_image_grid(torch.cat([dataset.to_float(images), grid]), run_dir / "samples" / f"recon_{step:07d}.png")
         return metrics
 
 
@@ -297,6 +300,12 @@ def main(argv=None):
     if rank == 0:
         print(f"data: {data_path} ({len(train.images)} train / {len(val.images)} validate slices, "
               f"{'z-conditioned' if train.conditional else 'unconditional'}); {config['perceptual_used']}")
+        seen = set()  # what loading converted, resized or skipped (16-bit, RGB, 4-D volumes, other sizes)
+        for split in (train, val):
+            for note in split.notes:
+                if note not in seen:
+                    seen.add(note)
+                    print(f"note ({split.split}): {note}")
         print(f"autoencoder: {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
     fit = tr.start_run(task, config, tr.data_to_device(train.tensors(), device), args.resume, args.overwrite,
                        rank, world, device)

@@ -29,15 +29,15 @@ from model_diffusion import LatentUNet, NoiseSchedule, diffusion_loss, sample
 from util import UserError
 
 PRESETS = {
-    "full": dict(model_channels=192, channel_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[16, 8], heads=8,
+    "full": dict(lr_schedule="constant", model_channels=192, channel_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[16, 8], heads=8,
                  dropout=0.0, schedule="linear", timesteps=1000, objective="eps", p_uncond=0.1,
                  batch_size=64, lr=1e-4, warmup=1000, ema_decay=0.9999, steps=200000, log_every=100,
                  val_every=5000, ckpt_every=5000, sample_steps=50, seed=0),
-    "demo": dict(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[4], heads=4,
+    "demo": dict(lr_schedule="cosine", model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8, 4], heads=4,
                  dropout=0.0, schedule="linear", timesteps=1000, objective="eps", p_uncond=0.1,
-                 batch_size=32, lr=4e-4, warmup=100, ema_decay=0.995, steps=3000, log_every=50,
+                 batch_size=32, lr=5e-4, warmup=100, ema_decay=0.995, steps=2000, log_every=50,
                  val_every=500, ckpt_every=500, sample_steps=25, seed=0),
-    "smoke": dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], heads=1,
+    "smoke": dict(lr_schedule="cosine", model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], heads=1,
                   dropout=0.0, schedule="linear", timesteps=100, objective="eps", p_uncond=0.1,
                   batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, steps=6, log_every=2, val_every=3,
                   ckpt_every=3, sample_steps=5, seed=0),
@@ -49,24 +49,34 @@ UNET_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutio
 # Latent cache and decoding
 
 
-def latent_cache(ae, ae_ckpt, config, device, cache_path):
+def latent_cache(ae, ae_ckpt, config, device, cache_path, write=True):
     """Encode train and validate splits once (reused on resume if the autoencoder is the same file)."""
     ae_hash = util.file_sha256(ae_ckpt["_path"])
+    wanted = config.get("data") or ae_ckpt["config"].get("data")
     cached = util.load_cache(cache_path, ae_hash)
-    if cached is not None:
-        return cached
-    data_path = dataset.ensure_dataset(config.get("data") or ae_ckpt["config"].get("data"), ae_ckpt["config"]["size"])
+    if cached is not None and same_data(cached.get("data"), wanted, ae_ckpt["config"]["size"]):
+        return cached  # (a cache of other data, e.g. left by a run with another --data, is rebuilt)
+    data_path = dataset.ensure_dataset(wanted, ae_ckpt["config"]["size"])
     splits = dataset.load_splits(data_path, size=ae_ckpt["config"]["size"], splits=("train", "validate"))
     t0 = time.perf_counter()
-    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(data_path), "num_z": max(splits["train"].num_z, 1)}
+    # The absolute path: sample/evaluate may run from another working directory.
+    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
+             "num_z": max(splits["train"].num_z, 1)}
     for name, split in splits.items():
         images, z = split.tensors()
         cache[name] = util.encode_split(ae, images, z, device, what="latent")
         cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
     print(f"latent cache: encoded {len(cache['train'])} train + {len(cache['validate'])} validate slices "
           f"in {time.perf_counter() - t0:.1f}s -> {tuple(cache['train'].shape[1:])} latents")
-    util.save_checkpoint(cache, cache_path)
+    if write:  # rank 0 only under torchrun
+        util.save_checkpoint(cache, cache_path)
     return cache
+
+
+def same_data(cached, wanted, size):
+    """Whether a cache built from dataset `cached` serves a run asking for `wanted` (None: the embedded set)."""
+    wanted = Path(wanted) if wanted else dataset.default_data_dir(size)
+    return cached is not None and Path(cached).resolve() == wanted.resolve()
 
 
 @torch.no_grad()
@@ -128,7 +138,7 @@ class DiffusionTask(tr.Task):
         cfg = self.config
         x0 = batch[0].to(self.device, non_blocking=True) * cfg["scale_factor"]
         z = batch[1].to(self.device)
-        lr = tr.warmup_lr(step, cfg["lr"], cfg["warmup"])
+        lr = tr.lr_at(step, cfg)
         tr.set_lr(self.optimizers["opt"], lr)
         with util.autocast(self.device):
             loss, per_sample, t = diffusion_loss(self.model_train, self.schedule, x0, z, cfg["objective"], cfg["p_uncond"])
@@ -185,8 +195,12 @@ def train(args):
     if rank == 0:
         print(f"preset: {config['preset']}; stage one: {ae_ckpt['model_type']} from {config['ae']}")
     out = Path(config["out"])
-    util.check_writable(out, "--resume" if args.resume else "--out")
-    cache = latent_cache(ae, ae_ckpt, config, device, out / "latents.pt")
+    if rank == 0:  # (only rank 0 touches the run directory: no races between processes)
+        if args.resume or args.overwrite:
+            util.check_writable(out, "--resume" if args.resume else "--out")
+        else:  # refuse an existing run now, before encoding (which would also replace that run's latents.pt)
+            util.prepare_run_dir(out, flag="--out")
+    cache = latent_cache(ae, ae_ckpt, config, device, out / "latents.pt", write=rank == 0)
     config["ae_sha256"] = cache["ae_sha256"]
     config["data"] = cache["data"]
     config["num_z"] = cache["num_z"]
@@ -203,8 +217,9 @@ def train(args):
     data = tr.data_to_device((cache["train"], cache["train_z"]), device)
     fit = tr.start_run(task, config, data, args.resume, args.overwrite, rank, world, device)
     fit.fit()
-    if rank == 0:
-        print(f"done: {config['out']}/best.pt (best val/loss {fit.best:.4f})")
+    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
+        best = "none" if fit.best is None else f"{fit.best:.4f}"
+        print(f"done: {config['out']}/best.pt (best val/loss {best})")
     tr.cleanup_distributed()
     return 0
 
@@ -263,6 +278,21 @@ def gif_recorder(ae, ckpt, z, device, max_frames=40):
     return frames, callback
 
 
+def sampling_steps(args, config):
+    """The number of sampling steps (default: T for ddpm, min(50, T) otherwise), after checking the sample flags."""
+    T = config["timesteps"]
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError(f"--n {args.n} --batch-size {args.batch_size}: both must be at least 1")
+    if args.sampler == "ddpm":
+        if args.steps not in (None, T):
+            raise UserError(f"--steps {args.steps}: the ddpm sampler takes all {T} steps of this model; "
+                            f"use --sampler ddim or dpmpp for fewer")
+        return T
+    if args.steps is not None and not 1 <= args.steps <= T:
+        raise UserError(f"--steps {args.steps}: must lie in 1..{T} (the model's diffusion steps)")
+    return args.steps or min(50, T)
+
+
 def sample_cmd(args):
     """stable_diffusion.py sample."""
     device = util.pick_device(args.device)
@@ -270,7 +300,7 @@ def sample_cmd(args):
     config = ckpt["config"]
     zs = util.parse_z_spec(args.z, config["num_z"]) if config["conditional"] else [-1]
     z = util.sample_grid_z(zs, args.n)
-    steps = args.steps or (config["timesteps"] if args.sampler == "ddpm" else 50)
+    steps = sampling_steps(args, config)
     out = Path(args.out)
     util.check_writable(out.parent, "--out")
     frames, callback = gif_recorder(ae, ckpt, z, device) if args.gif else ([], None)
@@ -361,7 +391,7 @@ def evaluate_cmd(args):
     config = ckpt["config"]
     zs = list(range(config["num_z"])) if config["conditional"] else [-1]
     z = util.sample_grid_z(zs, args.n)
-    steps = args.steps or (config["timesteps"] if args.sampler == "ddpm" else 50)
+    steps = sampling_steps(args, config)
     images, seconds = generate(model, schedule, ae, ckpt, z, device, args.sampler, steps, args.eta,
                                args.guidance, args.seed, args.batch_size)
     metrics = evaluation.evaluate_samples(images, z, config["data"])

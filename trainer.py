@@ -48,6 +48,8 @@ def add_common_args(parser, presets):
     parser.add_argument("--steps", type=int, default=None, help="total optimiser steps")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size per process")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                        help="after warm-up: constant, or cosine decay to 10%% of --lr at the last step")
     parser.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     parser.add_argument("--val-every", type=int, default=None, help="steps between validations")
     parser.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves")
@@ -67,22 +69,44 @@ def resolve_config(args, presets, stage, exclude=()):
     skip = {"resume", "overwrite", "dry_run", "out", "preset", *exclude}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     if args.resume:
-        return _resume_config(args, given)
+        return check_config(_resume_config(args, given, stage))
     preset = args.preset or ("full" if torch.cuda.is_available() else "demo")
     config = dict(presets[preset])
     config.update(given)
     config["preset"] = preset
     config["stage"] = stage
     config["out"] = args.out or f"runs/{stage}-{preset}"
+    return check_config(config)
+
+
+def check_config(config):
+    """Refuse loop settings that would only fail (or divide by zero) after start-up."""
+    for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every"):
+        if key in config and not (isinstance(config[key], int) and config[key] >= 1):
+            raise UserError(f"--{key.replace('_', '-')} {config[key]}: must be a whole number >= 1")
+    if config.get("stop_at") is not None and config["stop_at"] < 1:
+        raise UserError(f"--stop-at {config['stop_at']}: must be a step >= 1")
+    lr = config.get("lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr {lr}: must be a positive finite number")
     return config
 
 
-def _resume_config(args, given):
+def _resume_config(args, given, stage=None):
     """On --resume the run's own config wins; a flag that would change the model or data is refused."""
     path = Path(args.resume) / "config.json"
     if not path.is_file():
-        raise UserError(f"--resume {args.resume}: no config.json there (not a run directory)")
-    config = json.loads(path.read_text())
+        raise UserError(f"--resume {args.resume}: no config.json there (not a run directory, or a run stopped "
+                        f"before it started: start it again with --out {args.resume})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--resume {args.resume}: config.json is unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--resume {args.resume}: config.json is not a run config")
+    if stage is not None and config.get("stage", stage) != stage:
+        raise UserError(f"--resume {args.resume}: a '{config.get('stage')}' run, not a '{stage}' run "
+                        f"(resume it with its own script)")
     differ = [f"--{k.replace('_', '-')} {v} (run has {config.get(k)})" for k, v in given.items()
               if k not in RESUME_OVERRIDABLE and k in config and config[k] != v]
     if differ:
@@ -152,11 +176,19 @@ class EMA:
             ema_b.copy_(b)
 
 
-def warmup_lr(step, base_lr, warmup_steps):
-    """Linear warm-up to base_lr over warmup_steps, then constant."""
-    if warmup_steps <= 0:
-        return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
+def lr_at(step, config):
+    """Linear warm-up over config['warmup'] steps, then constant or cosine decay to 10% of the peak.
+
+    The cosine tail ("lr_schedule": "cosine") matters most for short runs: the last steps at a small
+    rate settle the weights that a constant rate keeps shaking.
+    """
+    base, warmup, total = config["lr"], config["warmup"], config["steps"]
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if config.get("lr_schedule", "constant") == "cosine" and total > warmup:
+        progress = (step - warmup) / (total - warmup)
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base
 
 
 def set_lr(optimizer, lr):
@@ -238,25 +270,48 @@ class Trainer:
 
     def load_state_dict(self, state):
         """Restore a checkpoint written by `state_dict`."""
-        for name, model in self.task.models.items():
-            unwrap(model).load_state_dict(state[name])
-        for name, opt in self.task.optimizers.items():
-            opt.load_state_dict(state[name])
+        try:
+            for name, model in self.task.models.items():
+                unwrap(model).load_state_dict(state[name])
+            for name, opt in self.task.optimizers.items():
+                opt.load_state_dict(state[name])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise UserError(f"--resume {state.get('_path', self.run_dir)}: does not fit the model of this run "
+                            f"({str(err).splitlines()[0][:160]})") from None
         self.task.load_extra_state(state)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state.get("best")
         util.set_rng_state(state["rng"])
 
     def resume(self):
-        """Load last.pt of the run directory and rewind the log to its step."""
-        ckpt = util.load_checkpoint(self.run_dir / "last.pt", kind=self.task.kind, flag="--resume")
+        """Load last.pt of the run directory and rewind the log to its step.
+
+        A run killed before its first checkpoint has config.json but no last.pt: there is nothing to
+        lose, so it starts again from step 0 with its recorded config (log.jsonl cleared).
+        """
+        last = self.run_dir / "last.pt"
+        if not last.exists():
+            if (self.run_dir / "best.pt").exists():
+                raise UserError(f"--resume {self.run_dir}: has best.pt but no last.pt, so the run cannot continue "
+                                f"exactly; start it over with --out {self.run_dir} --overwrite")
+            self.logger.truncate_after(0)
+            if self.rank == 0:
+                print(f"resume {self.run_dir}: no last.pt yet (stopped before its first checkpoint); "
+                      f"starting from step 0 with its config.json")
+            return
+        ckpt = util.load_checkpoint(last, kind=self.task.kind, flag="--resume")
+        differ = config_differences(ckpt.get("config"), self.config)
+        if differ:
+            raise UserError(f"--resume {last}: the checkpoint was written with other settings than this run "
+                            f"({', '.join(differ)}); it belongs to another run or its inputs changed")
         self.load_state_dict(ckpt)
         self.logger.truncate_after(self.step)
         if self.rank == 0:
             print(f"resumed {self.run_dir}/last.pt at step {self.step} (epoch {self.epoch})")
 
     def save(self, name="last.pt"):
-        """Atomic checkpoint write on rank 0."""
+        """Atomic checkpoint write on rank 0; non-finite weights are never written over a good checkpoint."""
+        self.check_weights_finite(name)
         if self.rank == 0:
             util.save_checkpoint(self.state_dict(), self.run_dir / name)
 
@@ -282,17 +337,29 @@ class Trainer:
         return batch
 
     # -- guards --------------------------------------------------------------------------------
+    def check_weights_finite(self, name="last.pt"):
+        """Stop before saving weights that hold NaN/inf (an update after the last finite loss, or a buffer
+        such as an EMA codebook, can break them without any loss term being non-finite yet)."""
+        for model_name, model in self.task.models.items():
+            for key, t in unwrap(model).state_dict().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    kept = self.run_dir / name
+                    tail = f"the last good checkpoint {kept} is kept" if kept.exists() else f"{name} was not written"
+                    raise NonFiniteLoss(f"non-finite weights at step {self.step}: {model_name}.{key}; training "
+                                        f"stopped and {tail} (try a lower --lr)")
+
     def check_finite(self, losses):
         """Record the first non-finite loss; on CPU check now, on CUDA defer the host sync to log steps."""
         if self.bad is not None:
             return
         names = [k for k in losses if k.startswith("loss/")]  # weights, rates and stats are not guarded
         values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
+        # Named as log.jsonl and checkpoints number it: the step being taken ends at self.step + 1.
         if self.device.type != "cuda":
-            self._raise_if_bad(values, names, self.step)
+            self._raise_if_bad(values, names, self.step + 1)
         else:
             self._pending = getattr(self, "_pending", [])
-            self._pending.append((self.step, names, values))
+            self._pending.append((self.step + 1, names, values))
 
     def _raise_if_bad(self, values, names, step):
         finite = torch.isfinite(values)
@@ -312,9 +379,12 @@ class Trainer:
     def install_signal_handlers(self):
         """SIGTERM/SIGINT only set a flag: the current step (and any checkpoint write) completes first."""
         def handler(signum, frame):
-            if self.stop_signal is not None:  # second Ctrl-C: the user means it
+            # A second Ctrl-C means it. A repeated SIGTERM does not: schedulers and torchrun may both
+            # forward one, and aborting then would lose the checkpoint the first one asked for.
+            if self.stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.stop_signal = signum
+            if self.stop_signal is None:
+                self.stop_signal = signum
 
         self._old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -423,6 +493,23 @@ class Trainer:
     def log(self, record):
         """One log.jsonl line with step and epoch first."""
         self.logger.log({"step": self.step, "epoch": self.epoch, **record})
+
+
+def config_differences(saved, current):
+    """'key saved -> now' for every setting (other than the resume-overridable ones) that differs."""
+    if not isinstance(saved, dict):
+        return ["no config in the checkpoint"]
+    skip = RESUME_OVERRIDABLE | {"out", "stop_at"}
+
+    def plain(v):
+        return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+    def short(v):
+        text = str(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{k} {short(saved[k])} -> {short(current[k])}" for k in sorted(saved.keys() & current.keys())
+            if k not in skip and plain(saved[k]) != plain(current[k])]
 
 
 def start_run(task, config, data, resume, overwrite, rank, world, device):

@@ -171,6 +171,8 @@ def save_gif(frames, path, duration_ms=80, final_hold_ms=1000):
 def check_writable(directory, flag="--out"):
     """Fail early (before any training) if `directory` cannot be created or written to."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{flag} {directory}: is a file, not a folder")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", delete=True) as f:
@@ -185,11 +187,15 @@ def check_writable(directory, flag="--out"):
 def prepare_run_dir(out, resume=False, overwrite=False, flag="--out"):
     """Create (or reuse, for resume) the run directory; never clobbers an existing run silently."""
     out = Path(out)
-    existing = out.exists() and any(p.name in ("last.pt", "best.pt", "log.jsonl") for p in out.iterdir())
+    existing = out.is_dir() and any(p.name in ("last.pt", "best.pt", "log.jsonl") for p in out.iterdir())
     if existing and not resume and not overwrite:
         raise UserError(f"{flag} {out}: a run already exists there; pass --resume {out} to continue it "
                         f"or --overwrite to start over")
     check_writable(out, flag)
+    # Temporary files of a run that was killed mid-write (save_checkpoint, save_json, the log rewrite,
+    # check_writable) are dead: a checkpoint-sized file each, so remove them rather than pile them up.
+    for stale in [*out.glob(".*.tmp"), *out.glob(".write-test-*")]:
+        stale.unlink(missing_ok=True)
     if overwrite and existing and not resume:
         for name in ("last.pt", "best.pt", "log.jsonl", "config.json"):
             (out / name).unlink(missing_ok=True)
@@ -294,10 +300,13 @@ def load_checkpoint(path, kind=None, flag="--ckpt"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every loader failure becomes one clear line
         text = str(err)
-        if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+        # Only a disallowed global is a pickled object; the safe unpickler also fails on random or cut
+        # bytes ("Unsupported operand ..."), which is a broken file, not a hostile one.
+        if "Unsupported global" in text or "not an allowed global" in text:
             raise UserError(f"{flag} {path}: refused, the file holds pickled Python objects that could run code "
                             f"(only plain tensors and values are loaded)") from None
-        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {text.splitlines()[0][:120]})") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip() or type(err).__name__
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: {detail.splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or "kind" not in state:
         raise UserError(f"{flag} {path}: not a checkpoint of this repo (no 'kind' entry)")
     accepted = (kind,) if isinstance(kind, str) else kind

@@ -36,3 +36,8 @@ def vae_run(tmp_path_factory, tiny_data):
 def vqvae_run(tmp_path_factory, tiny_data):
     """A smoke-trained VQ-VAE run directory."""
     return _train_stage1(tmp_path_factory, tiny_data, "vqvae")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ddp: multi-process torchrun (gloo) runs; part of the default run, "
+                                       "deselect with -m 'not ddp' when short of time")

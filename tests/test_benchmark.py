@@ -1,0 +1,87 @@
+"""playground/benchmark.py in its tiny --quick mode: it runs every group, prints one markdown table and
+writes JSON of the documented shape. MONAI is not needed: when it is absent (as in the repo's .venv) the
+script must say so in one line and time our models only; when it happens to be importable the test switches
+it off with --no-monai, so the run stays quick either way.
+
+Run: .venv/bin/python -m pytest -q tests/test_benchmark.py
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+MONAI_IMPORTABLE = importlib.util.find_spec("monai") is not None
+
+
+def run(args, timeout=300):
+    return subprocess.run([sys.executable, "playground/benchmark.py", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_run_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--threads", "1", "--channels-last", "--monai-path", tmp_path / "no_monai_here", "--out", out]
+    if MONAI_IMPORTABLE:
+        args.append("--no-monai")
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+
+    # MONAI absent (or switched off): exactly one line says so, and no MONAI rows follow
+    notes = [line for line in lines if line.startswith("MONAI ")]
+    assert len(notes) == 1 and "timing our models only" in notes[0], notes
+    assert "| monai" not in proc.stdout
+
+    # one markdown table with the documented columns and a row per measured configuration
+    header = next(i for i, line in enumerate(lines) if line.startswith("| benchmark |"))
+    cols = [c.strip() for c in lines[header].strip("|").split("|")]
+    assert cols == ["benchmark", "impl", "params (M)", "GFLOP/item", "batch", "items/s", "s/item", "our/peer",
+                    "peak mem (MB)", "notes"]
+    assert set(lines[header + 1].strip("|").split("|")) == {"---"}
+    rows = []
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert all(len(r) == len(cols) for r in rows)
+    names = [(r[0], r[1]) for r in rows]
+    assert names == [("vae_train", "ours"), ("vae_train", "ours (channels_last)"), ("unet_train", "ours"),
+                     ("unet_train", "ours (channels_last)"), ("sample ddim", "ours"), ("sample dpmpp", "ours"),
+                     ("sample ddpm", "ours"), ("pixelcnn", "ours"), ("data", "ours")], names
+    assert not any("error" in r[-1] for r in rows), rows
+    for r in rows:
+        value, unit = r[5].split()
+        assert float(value) > 0 and unit.endswith("/s"), r
+    assert "extrapolated" in dict(((r[0], r[-1]) for r in rows))["sample ddpm"]
+    assert "consumer" in rows[-1][7]  # the loader's rate over the training step's
+    assert any(line.startswith("load average before") for line in lines)
+
+    # JSON: run metadata and one record per row, with the numbers the table shows
+    data = json.loads(out.read_text())
+    meta, results = data["meta"], data["results"]
+    assert meta["threads"] == 1 and meta["quick"] is True and meta["monai"] is False
+    assert len(meta["load_before"]) == 3 and "benchmark.py" in meta["command"]
+    assert [(r["kind"], r["impl"], r["variant"]) for r in results][:2] == [("vae_train", "ours", "eager"),
+                                                                          ("vae_train", "ours", "channels_last")]
+    assert len(results) == len(rows)
+    for r in results:
+        assert "error" not in r, r
+        assert r["items_per_s"] > 0 and r["unit"] in ("slices", "latents", "grids") and r["batch"] >= 1
+        assert isinstance(r["peak_mem_mb"], (int, float)) and r["peak_mem_mb"] >= 0
+        assert len(r["times"]) == 1  # --quick: one timed repeat
+    train = [r for r in results if r["kind"].endswith("_train")]
+    assert all(r["params_m"] > 0 and r["gflop_per_item"] > 0 for r in train)
+    assert "speedup_vs_eager" in train[1]
+    data_row = results[-1]
+    assert data_row["kind"] == "data" and data_row["ratio"] > 0
+
+
+def test_bad_arguments_fail_without_running_anything(tmp_path):
+    proc = run(["--quick", "--threads", "0"], timeout=60)
+    assert proc.returncode == 2 and "--threads 0" in proc.stderr
+    proc = run(["--quick", "--only", "vae,nonsense"], timeout=60)
+    assert proc.returncode != 0 and "nonsense" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr

@@ -1,0 +1,292 @@
+"""pixelCNN.py command line end to end on tiny data: train on a VQ-VAE's codes (and refuse a VAE), exact resume,
+seeded and greedy sampling, evaluate, unconditional data, DDP with gloo, and every bad input as one clear line.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_pixelCNN_cli.py   (-m 'not ddp' skips torchrun)
+"""
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import evaluation
+import pixelCNN
+import prestage_train
+import util
+from util import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+CADENCE = ["--steps", 6, "--log-every", 2, "--val-every", 3, "--ckpt-every", 3]  # pinned: the tests count on it
+TILE = 32 + 2  # a 32x32 slice plus util.image_grid's 2px padding
+
+
+def _pc(*argv):
+    return pixelCNN.main([str(a) for a in argv])
+
+
+def _cli(*argv):
+    """Run a command as a user would (one thread per process); returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *[str(a) for a in argv]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grid_size(rows, cols):
+    """(width, height) of util.image_grid for rows x cols 32x32 tiles."""
+    return cols * TILE + 2, rows * TILE + 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and leaves the other core alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pcnn_run(tmp_path_factory, vqvae_run):
+    """A smoke PixelCNN run (6 steps) on the smoke VQ-VAE's codes."""
+    out = tmp_path_factory.mktemp("pcnn") / "run"
+    _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--out", out, *CADENCE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quick_eval(tmp_path_factory, tiny_data):
+    """evaluation with a z regressor cached in a temp dir (100 steps, not 800) and no Inception/torchvision."""
+    cache = tmp_path_factory.mktemp("zreg")
+    evaluation.z_regressor_for(tiny_data, 32, cache_dir=cache, steps=100, verbose=False)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(evaluation, "CACHE_DIR", cache)
+    mp.setattr(evaluation, "inception_model", lambda: (None, "not loaded in tests"))
+    yield cache
+    mp.undo()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_refuses_a_vae_naming_vq_vae(tmp_path, vae_run):
+    with pytest.raises(UserError, match=r"--ae \S+: is a VAE checkpoint; the PixelCNN .* needs a VQ-VAE"):
+        _pc("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", tmp_path / "r")
+    assert not (tmp_path / "r" / "codes.pt").exists()
+
+
+def test_smoke_train_caches_the_vq_codes_and_logs_bits(pcnn_run, vqvae_run, tiny_data):
+    ae_path = vqvae_run / "best.pt"
+    cache = torch.load(pcnn_run / "codes.pt", map_location="cpu", weights_only=True)
+    ae, _ = util.load_autoencoder(ae_path, CPU)
+    for split in ("train", "validate"):  # independent re-encoding with the VQ-VAE's own encode_indices
+        images, z = dataset.load_split(tiny_data, split, size=32).tensors()
+        with torch.no_grad():
+            expected = ae.encode_indices(dataset.to_float(images), z)
+        assert cache[split].dtype == torch.long and cache[split].shape == (len(images), 16, 16)
+        assert torch.equal(cache[split], expected)
+        assert torch.equal(cache[f"{split}_z"], z)
+    assert cache["ae_sha256"] == util.file_sha256(ae_path)
+
+    best = util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")
+    last = util.load_checkpoint(pcnn_run / "last.pt", kind="pixelcnn")
+    assert last["step"] == 6 and best["grid"] == [16, 16]
+    assert Path(best["ae_path"]).resolve() == ae_path.resolve() and best["ae_sha256"] == cache["ae_sha256"]
+    config = json.loads((pcnn_run / "config.json").read_text())
+    assert config["n_codes"] == 32 and config["num_z"] == 32 and config["conditional"]
+    assert Path(config["data"]) == Path(tiny_data).resolve()
+
+    records = util.read_jsonl(pcnn_run / "log.jsonl")
+    train = [r for r in records if "loss/ce" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for r in train:
+        assert r["bits_per_code"] == pytest.approx(r["loss/ce"] / math.log(2), rel=1e-5)
+        assert 0 < r["bits_per_code"] < 8 and r["grids_per_s"] > 0 and 0 < r["lr"] <= config["lr"]
+    val = [r for r in records if "val/bits_per_code" in r]
+    assert [r["step"] for r in val] == [3, 6] and all(0 < r["val/bits_per_code"] < 8 for r in val)
+    assert best["best"] == pytest.approx(min(r["val/bits_per_code"] for r in val))
+    grids = sorted((pcnn_run / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["sample_0000003.png", "sample_0000006.png"]
+    with Image.open(grids[-1]) as im:
+        assert im.size == _grid_size(1, 8)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, vqvae_run, capsys):
+    # --sample-every 2: sample grids at validations 2, 4, ... counted from the step, so also after a resume
+    common = ["train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *CADENCE, "--steps", 8, "--sample-every", 2]
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    _pc(*common, "--out", straight)
+    capsys.readouterr()
+    _pc(*common, "--out", chunked, "--stop-at", 2)  # paused before the first validation (no best yet)
+    out = capsys.readouterr().out
+    assert "--stop-at 2: saved" in out and "done:" not in out
+    _pc("train", "--resume", chunked, "--stop-at", 4)
+    assert util.load_checkpoint(chunked / "last.pt")["step"] == 4
+    _pc("train", "--resume", chunked)
+    a, b = util.load_checkpoint(straight / "last.pt"), util.load_checkpoint(chunked / "last.pt")
+    assert a["step"] == b["step"] == 8 and a["best"] == b["best"]
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), f"model.{name} differs after resume"
+    logs = [util.read_jsonl(r / "log.jsonl") for r in (straight, chunked)]
+    assert [r["step"] for r in logs[1] if "loss/ce" in r] == [2, 4, 6, 8]  # the log continues, no duplicates
+    values = [[(r["step"], r.get("loss/ce"), r.get("val/bits_per_code")) for r in log] for log in logs]
+    assert values[0] == values[1]
+    names = [sorted(p.name for p in (r / "samples").glob("*.png")) for r in (straight, chunked)]
+    assert names[0] == names[1] == ["sample_0000006.png", "sample_0000008.png"]
+    for name in names[0]:
+        assert (straight / "samples" / name).read_bytes() == (chunked / "samples" / name).read_bytes()
+
+
+def test_unconditional_data_trains_and_samples(tmp_path, tiny_data, capsys):
+    plain = tmp_path / "plain"  # the same slices without z-indices (generic file names, split folders)
+    for split in ("train", "validate", "test"):
+        (plain / split).mkdir(parents=True)
+        for i, f in enumerate(sorted((tiny_data / f"keras_png_slices_{split}").glob("*.png"))[:24]):
+            shutil.copy(f, plain / split / f"img{i:03d}.png")
+    vq = tmp_path / "vq"
+    prestage_train.main(["--model", "vqvae", "--preset", "smoke", "--data", str(plain), "--out", str(vq),
+                         "--steps", "2", "--val-every", "2"])
+    run = tmp_path / "prior"
+    _pc("train", "--ae", vq / "best.pt", "--preset", "smoke", "--out", run, "--steps", 3, "--val-every", 3)
+    ckpt = util.load_checkpoint(run / "best.pt", kind="pixelcnn")
+    assert ckpt["config"]["conditional"] is False and (run / "samples" / "sample_0000003.png").exists()
+    _pc("sample", "--ckpt", run / "best.pt", "--n", 2, "--out", tmp_path / "s.png")  # --z is moot here
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size == _grid_size(2, 1)
+    assert "2 samples" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and evaluation
+
+
+def test_sample_writes_grid_and_is_seeded(pcnn_run, tmp_path, capsys):
+    base = ["sample", "--ckpt", pcnn_run / "best.pt", "--n", 2, "--z", "0,5,9", "--device", "cpu"]
+    _pc(*base, "--seed", 3, "--out", tmp_path / "a.png")
+    assert re.search(r"6 samples \(temperature 1.0\) in [\d.]+s: [\d.]+ ms per image", capsys.readouterr().out)
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == _grid_size(2, 3)  # rows = --n, columns = z-indices
+    _pc(*base, "--seed", 3, "--out", tmp_path / "b.png")
+    _pc(*base, "--seed", 4, "--out", tmp_path / "c.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+
+
+def test_temperature_zero_is_greedy_and_ignores_the_seed(pcnn_run, tmp_path):
+    base = ["sample", "--ckpt", pcnn_run / "best.pt", "--n", 2, "--z", "0,16", "--temperature", 0]
+    _pc(*base, "--seed", 0, "--out", tmp_path / "g0.png")
+    _pc(*base, "--seed", 1, "--out", tmp_path / "g1.png")
+    assert (tmp_path / "g0.png").read_bytes() == (tmp_path / "g1.png").read_bytes()
+    # greedy codes are the argmax of the model's own logits at every position
+    model, _, ckpt = pixelCNN.load_prior(pcnn_run / "best.pt", CPU)
+    z = torch.tensor([0, 16])
+    codes = pixelCNN.sample_codes(model, tuple(ckpt["grid"]), z, temperature=0.0)
+    with torch.no_grad():
+        assert torch.equal(model(codes, z).argmax(dim=1), codes)
+
+
+def test_evaluate_writes_metrics_json(pcnn_run, tmp_path, quick_eval):
+    _pc("evaluate", "--ckpt", pcnn_run / "best.pt", "--n", 1, "--out", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("swd", "diversity_ms_ssim", "z_mae", "nn_l2", "ms_per_image"):
+        assert isinstance(m[key], float) and math.isfinite(m[key]), key
+    assert m["n_samples"] == 32 and m["sampler"] == "pixelcnn" and m["temperature"] == 1.0
+    assert 0 <= m["diversity_ms_ssim"] <= 1 and m["swd"] > 0 and m["ms_per_image"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, vqvae_run, vae_run, pcnn_run):
+    ckpt = pcnn_run / "best.pt"
+    diff = util.save_checkpoint({"kind": "diffusion", "config": {}}, tmp_path / "diff.pt")
+    with pytest.raises(UserError, match="train needs --ae PATH"):
+        _pc("train", "--preset", "smoke", "--out", tmp_path / "a")
+    with pytest.raises(UserError, match=r"--ae \S+diff.pt: is a 'diffusion' checkpoint, expected stage1"):
+        _pc("train", "--ae", diff, "--preset", "smoke", "--out", tmp_path / "b")
+    with pytest.raises(UserError, match=r"--ae \S+missing.pt: no such checkpoint file"):
+        _pc("train", "--ae", tmp_path / "missing.pt", "--preset", "smoke", "--out", tmp_path / "c")
+    with pytest.raises(UserError, match=r"--ckpt \S+: is a 'stage1' checkpoint, expected pixelcnn"):
+        _pc("sample", "--ckpt", vqvae_run / "best.pt", "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"--ckpt \S+diff.pt: is a 'diffusion' checkpoint, expected pixelcnn"):
+        _pc("evaluate", "--ckpt", diff)
+    with pytest.raises(UserError, match=r"--z 0\.\.40: z-indices must lie in 0\.\.31"):
+        _pc("sample", "--ckpt", ckpt, "--z", "0..40", "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"cannot change on resume: --hidden 32 \(run has 16\)"):
+        _pc("train", "--resume", pcnn_run, "--hidden", 32)
+    with pytest.raises(UserError, match="a run already exists there; pass --resume"):
+        _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--out", pcnn_run)
+    with pytest.raises(UserError, match="a 'stage1' run, not a 'pixelcnn' run"):
+        _pc("train", "--resume", vqvae_run)
+    with pytest.raises(UserError, match="--n 0 .*at least 1"):
+        _pc("sample", "--ckpt", ckpt, "--n", 0, "--out", tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_existing_run_is_refused_before_its_codes_are_touched(tmp_path, pcnn_run, tiny_data):
+    run = tmp_path / "run"
+    shutil.copytree(pcnn_run, run)
+    before = (run / "codes.pt").read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    with pytest.raises(UserError, match="a run already exists"):
+        _pc("train", "--ae", util.load_checkpoint(run / "best.pt")["ae_path"], "--data", other, "--preset", "smoke",
+            "--out", run)
+    assert (run / "codes.pt").read_bytes() == before
+    # with --overwrite and other data, the stale cache of the old data is not reused
+    train_dir = other / "keras_png_slices_train"
+    subject = sorted(train_dir.iterdir())[0].name.split("_slice_")[0]
+    for f in train_dir.glob(f"{subject}_slice_*"):
+        f.unlink()  # one subject (32 slices) fewer
+    _pc("train", "--ae", util.load_checkpoint(run / "best.pt")["ae_path"], "--data", other, "--preset", "smoke",
+        "--out", run, "--overwrite", "--steps", 1)
+    cache = torch.load(run / "codes.pt", map_location="cpu", weights_only=True)
+    assert Path(cache["data"]) == other.resolve() and len(cache["train"]) == 96
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, pcnn_run):
+    cases = [
+        (["train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", tmp_path / "x"], "needs a VQ-VAE"),
+        (["sample", "--ckpt", pcnn_run / "best.pt", "--z", "0..40", "--out", tmp_path / "s.png"], "must lie in 0..31"),
+    ]
+    for argv, message in cases:
+        proc = _cli("pixelCNN.py", *argv)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_gloo(tmp_path, vqvae_run):
+    out = tmp_path / "ddp"
+    proc = _cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                "pixelCNN.py", "train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--out", out,
+                "--device", "cpu", *CADENCE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distributed: 2 processes, backend gloo" in proc.stdout and proc.stdout.count("done:") == 1
+    assert util.load_checkpoint(out / "last.pt", kind="pixelcnn")["step"] == 6
+    records = util.read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in records if "loss/ce" in r] == [2, 4, 6]  # rank 0 logs alone, once per step
+    assert [r["step"] for r in records if "val/bits_per_code" in r] == [3, 6]

@@ -1,0 +1,344 @@
+"""stable_diffusion.py end to end on tiny data: train on a VAE and a VQ-VAE, exact resume, the three samplers,
+evaluate, DDP with gloo, and every bad input as one clear line.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_stable_diffusion.py   (-m 'not ddp' skips torchrun)
+"""
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import evaluation
+import stable_diffusion as sd
+import util
+from model_diffusion import sample as diffusion_sample
+from util import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+CADENCE = ["--steps", 6, "--log-every", 2, "--val-every", 3, "--ckpt-every", 3]  # pinned: the tests count on it
+TILE = 32 + 2  # a 32x32 slice plus util.image_grid's 2px padding
+
+
+def _sd(*argv):
+    return sd.main([str(a) for a in argv])
+
+
+def _cli(*argv):
+    """Run a command as a user would (one thread per process); returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *[str(a) for a in argv]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grid_size(rows, cols):
+    """(width, height) of util.image_grid for rows x cols 32x32 tiles."""
+    return cols * TILE + 2, rows * TILE + 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and leaves the other core alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train_ldm(tmp_path_factory, ae_run, name):
+    out = tmp_path_factory.mktemp(name) / "run"
+    _sd("train", "--ae", ae_run / "best.pt", "--preset", "smoke", "--out", out, *CADENCE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ldm_vae(tmp_path_factory, vae_run):
+    """A smoke latent-diffusion run (6 steps) on the smoke VAE."""
+    return _train_ldm(tmp_path_factory, vae_run, "ldm_vae")
+
+
+@pytest.fixture(scope="session")
+def ldm_vq(tmp_path_factory, vqvae_run):
+    """A smoke latent-diffusion run on the smoke VQ-VAE's quantised code vectors."""
+    return _train_ldm(tmp_path_factory, vqvae_run, "ldm_vq")
+
+
+@pytest.fixture(scope="module")
+def quick_eval(tmp_path_factory, tiny_data, monkeypatch_module):
+    """evaluation with a z regressor cached in a temp dir (100 steps, not 800) and no Inception/torchvision."""
+    cache = tmp_path_factory.mktemp("zreg")
+    evaluation.z_regressor_for(tiny_data, 32, cache_dir=cache, steps=100, verbose=False)
+    monkeypatch_module.setattr(evaluation, "CACHE_DIR", cache)
+    monkeypatch_module.setattr(evaluation, "inception_model", lambda: (None, "not loaded in tests"))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.parametrize("model", ["vae", "vqvae"])
+def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data, model):
+    run = request.getfixturevalue("ldm_vae" if model == "vae" else "ldm_vq")
+    ae_path = request.getfixturevalue(f"{model}_run") / "best.pt"
+    best = util.load_checkpoint(run / "best.pt", kind="diffusion")
+    last = util.load_checkpoint(run / "last.pt", kind="diffusion")
+    assert last["step"] == 6
+
+    # The cached latents are what the frozen stage one encodes: re-encode the train split independently.
+    cache = torch.load(run / "latents.pt", map_location="cpu", weights_only=True)
+    ae, _ = util.load_autoencoder(ae_path, CPU)
+    images, z = dataset.load_split(tiny_data, "train", size=32).tensors()
+    with torch.no_grad():
+        if model == "vae":
+            expected = ae.encode(dataset.to_float(images), z).mode()  # the posterior mean
+        else:
+            idx = ae.encode_indices(dataset.to_float(images), z)
+            expected = ae.quantizer.codebook[idx].permute(0, 3, 1, 2)  # the quantised code vectors
+    assert cache["train"].shape == expected.shape == (len(images), 4, 16, 16)
+    torch.testing.assert_close(cache["train"], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache["train_z"], z)
+    if model == "vqvae":  # every diffused vector is exactly one of the codebook rows
+        flat = cache["train"].permute(0, 2, 3, 1).reshape(-1, 4)
+        assert (flat[:, None, :] == ae.quantizer.codebook[None]).all(dim=2).any(dim=1).all()
+
+    # scale factor = 1 / std of the train latents, in every checkpoint and in config.json
+    scale = 1.0 / cache["train"].double().std().item()
+    assert best["scale_factor"] == pytest.approx(scale, rel=1e-5)
+    config = json.loads((run / "config.json").read_text())
+    assert last["scale_factor"] == best["scale_factor"] == config["scale_factor"]
+    assert Path(best["ae_path"]).resolve() == ae_path.resolve()
+    assert best["ae_sha256"] == util.file_sha256(ae_path) == cache["ae_sha256"]
+    assert best["latent_shape"] == [4, 16, 16] and config["num_z"] == 32 and config["conditional"]
+    assert Path(config["data"]) == Path(tiny_data).resolve()
+
+    records = util.read_jsonl(run / "log.jsonl")
+    train = [r for r in records if "loss/diffusion" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]  # log_every 2
+    for r in train:
+        assert {"loss_t/q1", "loss_t/q2", "loss_t/q3", "loss_t/q4", "lr", "latents_per_s"} <= r.keys()
+        assert 0 < r["loss/diffusion"] < 5 and r["latents_per_s"] > 0 and 0 < r["lr"] <= config["lr"]
+        quarts = [r[f"loss_t/q{q}"] for q in range(1, 5)]
+        assert all(q == "nan" or 0 < q < 10 for q in quarts) and any(q != "nan" for q in quarts)
+    val = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in val] == [3, 6] and all(math.isfinite(r["val/loss_raw"]) for r in val)
+    assert best["best"] == pytest.approx(min(r["val/loss"] for r in val))
+
+    grids = sorted((run / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["sample_0000003.png", "sample_0000006.png"]
+    with Image.open(grids[-1]) as im:
+        assert im.size == _grid_size(1, 8)  # 8 z-indices in one row
+
+
+def test_vq_samples_are_snapped_to_codes_before_decoding(ldm_vq, vqvae_run):
+    ckpt = util.load_checkpoint(ldm_vq / "best.pt")
+    scale = ckpt["scale_factor"]
+    ae, _ = util.load_autoencoder(vqvae_run / "best.pt", CPU)
+    cache = torch.load(ldm_vq / "latents.pt", map_location="cpu", weights_only=True)
+    codes, z = cache["train"][:4], cache["train_z"][:4]
+    book = ae.quantizer.codebook.float()
+    d = torch.cdist(book, book) + 1e9 * torch.eye(len(book))
+    # move every latent vector by a quarter of the smallest code spacing: the nearest code stays the same
+    gen = torch.Generator().manual_seed(0)
+    step = torch.randn(codes.shape, generator=gen)
+    step = step / step.norm(dim=1, keepdim=True) * 0.25 * d.min()
+    clean = sd.decode_latents(ae, codes * scale, scale, z, CPU)
+    noisy = sd.decode_latents(ae, (codes + step) * scale, scale, z, CPU)
+    assert torch.equal(clean, noisy)
+    with torch.no_grad():
+        assert torch.allclose(clean, ae.decode(codes, z).clamp(-1, 1), atol=1e-6)
+        assert not torch.allclose(noisy, ae.decode(codes + step, z).clamp(-1, 1), atol=1e-6)  # unsnapped differs
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, vae_run, capsys):
+    common = ["train", "--ae", vae_run / "best.pt", "--preset", "smoke", *CADENCE, "--steps", 8]
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    _sd(*common, "--out", straight)
+    capsys.readouterr()
+    _sd(*common, "--out", chunked, "--stop-at", 2)  # paused before the first validation (no best yet)
+    out = capsys.readouterr().out
+    assert "--stop-at 2: saved" in out and "done:" not in out
+    _sd("train", "--resume", chunked, "--stop-at", 4)
+    assert util.load_checkpoint(chunked / "last.pt")["step"] == 4
+    _sd("train", "--resume", chunked)
+    assert "done:" in capsys.readouterr().out
+    a, b = util.load_checkpoint(straight / "last.pt"), util.load_checkpoint(chunked / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    assert a["scale_factor"] == b["scale_factor"] and a["best"] == b["best"]
+    logs = [util.read_jsonl(r / "log.jsonl") for r in (straight, chunked)]
+    steps = [[r["step"] for r in log if "loss/diffusion" in r] for log in logs]
+    assert steps[0] == steps[1] == [2, 4, 6, 8]  # the log continues without duplicated steps
+    losses = [[(r["step"], r.get("loss/diffusion"), r.get("val/loss")) for r in log] for log in logs]
+    assert losses[0] == losses[1]
+    assert (straight / "samples" / "sample_0000008.png").read_bytes() == (chunked / "samples" / "sample_0000008.png").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and evaluation
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5), ("dpmpp", 5)])
+def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sampler, steps):
+    base = ["sample", "--ckpt", ldm_vae / "best.pt", "--sampler", sampler, "--n", 2, "--z", "0,5,9", "--device", "cpu"]
+    base += ["--steps", steps] if steps else []
+    _sd(*base, "--seed", 3, "--out", tmp_path / "a.png", "--gif", tmp_path / "a.gif")
+    out = capsys.readouterr().out
+    assert re.search(rf"6 samples \({sampler}, {steps or 100} steps, guidance 1.0\) in [\d.]+s: [\d.]+ ms per image", out)
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == _grid_size(2, 3)  # rows = --n, columns = z-indices
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.n_frames > 1 and gif.size == _grid_size(1, 6)
+    _sd(*base, "--seed", 3, "--out", tmp_path / "b.png")
+    _sd(*base, "--seed", 4, "--out", tmp_path / "c.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+
+
+def test_ddim_eta0_is_deterministic_given_the_start_noise(ldm_vae):
+    model, schedule, _, ckpt = sd.load_diffusion(ldm_vae / "best.pt", CPU)
+    x_T = torch.randn(3, *ckpt["latent_shape"], generator=torch.Generator().manual_seed(0))
+    z = torch.tensor([0, 5, 9])
+
+    def run(eta, seed):
+        return diffusion_sample(model, schedule, x_T.shape, z, sampler="ddim", steps=5, eta=eta,
+                                generator=torch.Generator().manual_seed(seed), x_init=x_T)
+
+    assert torch.equal(run(0.0, 0), run(0.0, 1))  # eta 0 draws no noise after x_T
+    assert not torch.allclose(run(1.0, 0), run(1.0, 1))
+
+
+def test_guidance_runs_and_changes_the_samples(ldm_vae, tmp_path, capsys):
+    _sd("sample", "--ckpt", ldm_vae / "best.pt", "--steps", 5, "--z", "0,16", "--guidance", 2, "--out", tmp_path / "g.png")
+    assert "guidance 2.0" in capsys.readouterr().out
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == _grid_size(1, 2)
+    model, schedule, ae, ckpt = sd.load_diffusion(ldm_vae / "best.pt", CPU)
+    z = torch.tensor([0, 16])
+    plain, _ = sd.generate(model, schedule, ae, ckpt, z, CPU, "ddim", 5, 0.0, 1.0, seed=0)
+    guided, _ = sd.generate(model, schedule, ae, ckpt, z, CPU, "ddim", 5, 0.0, 2.0, seed=0)
+    assert plain.shape == guided.shape == (2, 1, 32, 32) and not torch.equal(plain, guided)
+
+
+def test_evaluate_writes_metrics_json(ldm_vae, tmp_path, quick_eval):
+    _sd("evaluate", "--ckpt", ldm_vae / "best.pt", "--n", 1, "--steps", 5, "--out", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("swd", "diversity_ms_ssim", "z_mae", "nn_l2", "ms_per_image"):
+        assert isinstance(m[key], float) and math.isfinite(m[key]), key
+    assert m["n_samples"] == 32 and m["sampler"] == "ddim" and m["steps"] == 5  # --n 1 per z-index
+    assert 0 <= m["diversity_ms_ssim"] <= 1 and m["swd"] > 0 and m["ms_per_image"] > 0 and m["z_mae"] >= 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, vae_run, ldm_vae):
+    ckpt = ldm_vae / "best.pt"
+    with pytest.raises(UserError, match="train needs --ae PATH"):
+        _sd("train", "--preset", "smoke", "--out", tmp_path / "a")
+    with pytest.raises(UserError, match=r"--ae \S+best.pt: is a 'diffusion' checkpoint, expected stage1"):
+        _sd("train", "--ae", ckpt, "--preset", "smoke", "--out", tmp_path / "b")
+    with pytest.raises(UserError, match=r"--ae \S+missing.pt: no such checkpoint file"):
+        _sd("train", "--ae", tmp_path / "missing.pt", "--preset", "smoke", "--out", tmp_path / "c")
+    with pytest.raises(UserError, match=r"--ckpt \S+: is a 'stage1' checkpoint, expected diffusion"):
+        _sd("sample", "--ckpt", vae_run / "best.pt", "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"--z 0\.\.40: z-indices must lie in 0\.\.31"):
+        _sd("sample", "--ckpt", ckpt, "--z", "0..40", "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"cannot change on resume: --model-channels 32 \(run has 16\)"):
+        _sd("train", "--resume", ldm_vae, "--model-channels", 32)
+    with pytest.raises(UserError, match="a run already exists there; pass --resume"):
+        _sd("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", ldm_vae)
+    with pytest.raises(UserError, match="a 'stage1' run, not a 'ldm' run"):
+        _sd("train", "--resume", vae_run)
+    with pytest.raises(UserError, match="--steps 10: the ddpm sampler takes all 100 steps"):
+        _sd("sample", "--ckpt", ckpt, "--sampler", "ddpm", "--steps", 10, "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"--steps 500: must lie in 1\.\.100"):
+        _sd("evaluate", "--ckpt", ckpt, "--steps", 500)
+    with pytest.raises(UserError, match="--n 0 .*at least 1"):
+        _sd("sample", "--ckpt", ckpt, "--n", 0, "--out", tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_existing_run_is_refused_before_its_latents_are_touched(tmp_path, ldm_vae, vqvae_run):
+    run = tmp_path / "run"
+    shutil.copytree(ldm_vae, run)
+    before = (run / "latents.pt").read_bytes()
+    with pytest.raises(UserError, match="a run already exists"):
+        _sd("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--out", run)
+    assert (run / "latents.pt").read_bytes() == before
+
+
+def test_overwrite_with_other_data_rebuilds_the_latent_cache(tmp_path, ldm_vae, vae_run, tiny_data):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    train_dir = other / "keras_png_slices_train"
+    subject = sorted(train_dir.iterdir())[0].name.split("_slice_")[0]
+    for f in train_dir.glob(f"{subject}_slice_*"):
+        f.unlink()  # one subject (32 slices) fewer
+    run = tmp_path / "run"
+    shutil.copytree(ldm_vae, run)  # holds a latents.pt of tiny_data for the same stage one
+    _sd("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--data", other, "--out", run, "--overwrite",
+        "--steps", 1)
+    cache = torch.load(run / "latents.pt", map_location="cpu", weights_only=True)
+    assert Path(cache["data"]) == other.resolve() and len(cache["train"]) == 96
+    assert json.loads((run / "config.json").read_text())["data"] == str(other.resolve())
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, ldm_vae):
+    cases = [
+        (["train", "--preset", "smoke", "--out", tmp_path / "x"], "train needs --ae"),
+        (["sample", "--ckpt", vae_run / "best.pt", "--out", tmp_path / "s.png"], "expected diffusion"),
+        (["sample", "--ckpt", ldm_vae / "best.pt", "--z", "0..40", "--out", tmp_path / "s.png"], "must lie in 0..31"),
+    ]
+    for argv, message in cases:
+        proc = _cli("stable_diffusion.py", *argv)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_gloo(tmp_path, vae_run):
+    out = tmp_path / "ddp"
+    proc = _cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                "stable_diffusion.py", "train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", out,
+                "--device", "cpu", *CADENCE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distributed: 2 processes, backend gloo" in proc.stdout and proc.stdout.count("done:") == 1
+    assert util.load_checkpoint(out / "last.pt", kind="diffusion")["step"] == 6
+    records = util.read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in records if "loss/diffusion" in r] == [2, 4, 6]  # rank 0 logs alone, once per step
+    assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
+    rates = [r["latents_per_s"] for r in records if "latents_per_s" in r]
+    assert all(v > 0 for v in rates)
