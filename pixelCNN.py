@@ -353,40 +353,6 @@ PRESETS = {
 PRIOR_KEYS = ("hidden", "n_layers", "kernel_size", "dropout")
 
 
-def code_cache(ae, ae_ckpt, config, device, cache_path, write=True):
-    """Encode train and validate splits to code indices once (reused on resume for the same stage one)."""
-    import dataset
-
-    ae_hash = util.file_sha256(ae_ckpt["_path"])
-    wanted = config.get("data") or ae_ckpt["config"].get("data")
-    cached = util.load_cache(cache_path, ae_hash)
-    if cached is not None and same_data(cached.get("data"), wanted, ae_ckpt["config"]["size"]):
-        return cached  # (a cache of other data, e.g. left by a run with another --data, is rebuilt)
-    data_path = dataset.ensure_dataset(wanted, ae_ckpt["config"]["size"])
-    splits = dataset.load_splits(data_path, size=ae_ckpt["config"]["size"], splits=("train", "validate"))
-    t0 = time.perf_counter()
-    # The absolute path: sample/evaluate may run from another working directory.
-    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
-             "num_z": max(splits["train"].num_z, 1)}
-    for name, split in splits.items():
-        images, z = split.tensors()
-        cache[name] = util.encode_split(ae, images, z, device, what="indices")
-        cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
-    print(f"code cache: encoded {len(cache['train'])} train + {len(cache['validate'])} validate slices "
-          f"in {time.perf_counter() - t0:.1f}s -> {tuple(cache['train'].shape[1:])} code grids")
-    if write:  # rank 0 only under torchrun
-        util.save_checkpoint(cache, cache_path)
-    return cache
-
-
-def same_data(cached, wanted, size):
-    """Whether a cache built from dataset `cached` serves a run asking for `wanted` (None: the embedded set)."""
-    import dataset
-
-    wanted = Path(wanted) if wanted else dataset.default_data_dir(size)
-    return cached is not None and Path(cached).resolve() == wanted.resolve()
-
-
 def build_prior(config):
     """The PixelCNN of a config."""
     return GatedPixelCNN(config["n_codes"], conditional=config["conditional"], num_z=config["num_z"],
@@ -491,7 +457,7 @@ def train(args):
             util.check_writable(out, "--resume" if args.resume else "--out")
         else:  # refuse an existing run now, before encoding (which would also replace that run's codes.pt)
             util.prepare_run_dir(out, flag="--out")
-    cache = code_cache(ae, ae_ckpt, config, device, out / "codes.pt", write=rank == 0)
+    cache = util.stage_two_cache(ae, ae_ckpt, config, device, "indices", out / "codes.pt", write=rank == 0)
     config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"],
                   conditional=bool((cache["train_z"] >= 0).any()), grid=list(cache["train"].shape[1:]),
                   n_codes=ae.n_embed)

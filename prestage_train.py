@@ -15,7 +15,6 @@ The best checkpoint (best.pt) is chosen on validate SSIM; the test split is only
 """
 import argparse
 import json
-import math
 
 import torch
 import torch.nn.functional as F
@@ -225,9 +224,9 @@ def parse_args(argv):
     p.add_argument("--data", default=None, help="OASIS PNG root, NIfTI folder or image folder (default: embedded set)")
     p.add_argument("--size", type=int, choices=[32, 64, 128, 256], default=None, help="image size the slices are resized to")
     p.add_argument("--ch", type=int, default=None, help="base width of encoder/decoder")
-    p.add_argument("--ch-mult", type=_int_list, default=None, help="width multipliers per level, e.g. 1,2,4 (each level after the first halves the size)")
+    p.add_argument("--ch-mult", type=tr.int_list, default=None, help="width multipliers per level, e.g. 1,2,4 (each level after the first halves the size)")
     p.add_argument("--num-res-blocks", type=int, default=None, help="ResBlocks per level")
-    p.add_argument("--attn-resolutions", type=_int_list, default=None, help="feature sizes with self-attention, e.g. 32 ('' for none)")
+    p.add_argument("--attn-resolutions", type=tr.int_list, default=None, help="feature sizes with self-attention, e.g. 32 ('' for none)")
     p.add_argument("--z-channels", type=int, default=None, help="latent channels (VAE)")
     p.add_argument("--dropout", type=float, default=None, help="dropout in ResBlocks")
     p.add_argument("--n-embed", type=int, default=None, help="VQ codebook size")
@@ -251,13 +250,6 @@ def parse_args(argv):
     p.add_argument("--ckpt", default=None, help="checkpoint for --eval-only")
     p.add_argument("--out-json", default=None, help="with --eval-only: also write the metrics to this JSON file")
     return p.parse_args(argv)
-
-
-def _int_list(text):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def evaluate_only(args):
@@ -310,8 +302,9 @@ def main(argv=None):
     fit = tr.start_run(task, config, tr.data_to_device(train.tensors(), device), args.resume, args.overwrite,
                        rank, world, device)
     metrics = fit.fit()
-    if rank == 0:
-        print(f"done: {config['out']}/best.pt (best val/ssim {fit.best:.4f}); last metrics "
+    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
+        best = "none" if fit.best is None else f"{fit.best:.4f}"  # None: paused before any validation
+        print(f"done: {config['out']}/best.pt (best val/ssim {best}); last metrics "
               + json.dumps({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}))
     tr.cleanup_distributed()
     return 0

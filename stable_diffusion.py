@@ -16,13 +16,11 @@ Latents are multiplied by a scale factor (1 / std of the training latents, store
 so the diffusion sees unit variance, and divided by it again before decoding.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-import dataset
 import trainer as tr
 import util
 from model_diffusion import LatentUNet, NoiseSchedule, diffusion_loss, sample
@@ -47,36 +45,6 @@ UNET_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutio
 
 # ----------------------------------------------------------------------------------------------
 # Latent cache and decoding
-
-
-def latent_cache(ae, ae_ckpt, config, device, cache_path, write=True):
-    """Encode train and validate splits once (reused on resume if the autoencoder is the same file)."""
-    ae_hash = util.file_sha256(ae_ckpt["_path"])
-    wanted = config.get("data") or ae_ckpt["config"].get("data")
-    cached = util.load_cache(cache_path, ae_hash)
-    if cached is not None and same_data(cached.get("data"), wanted, ae_ckpt["config"]["size"]):
-        return cached  # (a cache of other data, e.g. left by a run with another --data, is rebuilt)
-    data_path = dataset.ensure_dataset(wanted, ae_ckpt["config"]["size"])
-    splits = dataset.load_splits(data_path, size=ae_ckpt["config"]["size"], splits=("train", "validate"))
-    t0 = time.perf_counter()
-    # The absolute path: sample/evaluate may run from another working directory.
-    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
-             "num_z": max(splits["train"].num_z, 1)}
-    for name, split in splits.items():
-        images, z = split.tensors()
-        cache[name] = util.encode_split(ae, images, z, device, what="latent")
-        cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
-    print(f"latent cache: encoded {len(cache['train'])} train + {len(cache['validate'])} validate slices "
-          f"in {time.perf_counter() - t0:.1f}s -> {tuple(cache['train'].shape[1:])} latents")
-    if write:  # rank 0 only under torchrun
-        util.save_checkpoint(cache, cache_path)
-    return cache
-
-
-def same_data(cached, wanted, size):
-    """Whether a cache built from dataset `cached` serves a run asking for `wanted` (None: the embedded set)."""
-    wanted = Path(wanted) if wanted else dataset.default_data_dir(size)
-    return cached is not None and Path(cached).resolve() == wanted.resolve()
 
 
 @torch.no_grad()
@@ -200,7 +168,7 @@ def train(args):
             util.check_writable(out, "--resume" if args.resume else "--out")
         else:  # refuse an existing run now, before encoding (which would also replace that run's latents.pt)
             util.prepare_run_dir(out, flag="--out")
-    cache = latent_cache(ae, ae_ckpt, config, device, out / "latents.pt", write=rank == 0)
+    cache = util.stage_two_cache(ae, ae_ckpt, config, device, "latent", out / "latents.pt", write=rank == 0)
     config["ae_sha256"] = cache["ae_sha256"]
     config["data"] = cache["data"]
     config["num_z"] = cache["num_z"]
@@ -328,9 +296,9 @@ def parse_args(argv):
     t.add_argument("--ae", default=None, help="stage-one checkpoint (runs/NAME/best.pt)")
     t.add_argument("--data", default=None, help="dataset (default: the one stage one was trained on)")
     t.add_argument("--model-channels", type=int, default=None, help="UNet base width")
-    t.add_argument("--channel-mult", type=_int_list, default=None, help="UNet width multipliers, e.g. 1,2,2")
+    t.add_argument("--channel-mult", type=tr.int_list, default=None, help="UNet width multipliers, e.g. 1,2,2")
     t.add_argument("--num-res-blocks", type=int, default=None, help="ResBlocks per level")
-    t.add_argument("--attn-resolutions", type=_int_list, default=None, help="latent sizes with self-attention")
+    t.add_argument("--attn-resolutions", type=tr.int_list, default=None, help="latent sizes with self-attention")
     t.add_argument("--heads", type=int, default=None, help="attention heads")
     t.add_argument("--dropout", type=float, default=None, help="dropout in ResBlocks")
     t.add_argument("--schedule", choices=["linear", "cosine"], default=None, help="noise schedule")
@@ -363,13 +331,6 @@ def _add_sample_args(p):
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-
-
-def _int_list(text):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv=None):

@@ -61,6 +61,14 @@ def add_common_args(parser, presets):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+def int_list(text):
+    """argparse type for '1,2,4' -> [1, 2, 4] ('' -> [], e.g. no attention)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def resolve_config(args, presets, stage, exclude=()):
     """Preset values, overridden by every flag given explicitly; the preset is printed and recorded.
 
@@ -311,7 +319,7 @@ class Trainer:
 
     def save(self, name="last.pt"):
         """Atomic checkpoint write on rank 0; non-finite weights are never written over a good checkpoint."""
-        self.check_weights_finite(name)
+        self.check_weights_finite()
         if self.rank == 0:
             util.save_checkpoint(self.state_dict(), self.run_dir / name)
 
@@ -337,14 +345,14 @@ class Trainer:
         return batch
 
     # -- guards --------------------------------------------------------------------------------
-    def check_weights_finite(self, name="last.pt"):
+    def check_weights_finite(self):
         """Stop before saving weights that hold NaN/inf (an update after the last finite loss, or a buffer
         such as an EMA codebook, can break them without any loss term being non-finite yet)."""
         for model_name, model in self.task.models.items():
             for key, t in unwrap(model).state_dict().items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    kept = self.run_dir / name
-                    tail = f"the last good checkpoint {kept} is kept" if kept.exists() else f"{name} was not written"
+                    kept = self.run_dir / "last.pt"
+                    tail = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
                     raise NonFiniteLoss(f"non-finite weights at step {self.step}: {model_name}.{key}; training "
                                         f"stopped and {tail} (try a lower --lr)")
 
@@ -407,6 +415,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def validate(self):
         """Rank-0 validation with its own RNG stream, so validating never changes the training stream."""
+        self.check_weights_finite()  # on every rank (they hold the same weights), before best.pt may be saved
         if self.rank != 0:
             return {}
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -269,15 +269,23 @@ def save_checkpoint(state, path):
     A kill at any moment leaves either the old file or the new one, never a half-written one.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # A full disk or quota surfaces as OSError, or from torch's zip writer as a RuntimeError
+        # ("unexpected pos ..."): one line naming the file, not a traceback.
+        if isinstance(err, (OSError, RuntimeError)):
+            detail = getattr(err, "strerror", None) or str(err).splitlines()[0][:160]
+            raise UserError(f"{path}: could not write the checkpoint ({detail}; is the disk full?); "
+                            f"any previous {path.name} is unchanged") from None
         raise
     return path
 
@@ -472,3 +480,36 @@ def load_cache(path, ae_sha256):
     except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
         return None
     return cache if isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 else None
+
+
+def stage_two_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
+    """Encode the train and validate splits once with the frozen stage one: latents ("latent") for the
+    diffusion model, code indices ("indices") for the PixelCNN. Reused on resume when it was built by
+    the same stage-one file from the same data; rebuilt otherwise. `write` is False on ranks > 0."""
+    import time
+
+    import dataset  # lazy: util stays importable without the data stack
+
+    ae_hash = file_sha256(ae_ckpt["_path"])
+    size = ae_ckpt["config"]["size"]
+    wanted = config.get("data") or ae_ckpt["config"].get("data")
+    wanted_path = Path(wanted) if wanted else dataset.default_data_dir(size)
+    cached = load_cache(cache_path, ae_hash)
+    if cached is not None and cached.get("data") and Path(cached["data"]).resolve() == wanted_path.resolve():
+        return cached  # a cache of other data (a run redone with another --data) is rebuilt below
+    data_path = dataset.ensure_dataset(wanted, size)
+    splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"))
+    t0 = time.perf_counter()
+    # The absolute path: sample/evaluate may run from another working directory.
+    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
+             "num_z": max(splits["train"].num_z, 1)}
+    for name, split in splits.items():
+        images, z = split.tensors()
+        cache[name] = encode_split(ae, images, z, device, what=what)
+        cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
+    print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train + "
+          f"{len(cache['validate'])} validate slices in {time.perf_counter() - t0:.1f}s -> "
+          f"{tuple(cache['train'].shape[1:])} per slice")
+    if write:
+        save_checkpoint(cache, cache_path)
+    return cache

@@ -117,7 +117,7 @@ def test_smoke_train_caches_the_vq_codes_and_logs_bits(pcnn_run, vqvae_run, tiny
     assert [r["step"] for r in train] == [2, 4, 6]
     for r in train:
         assert r["bits_per_code"] == pytest.approx(r["loss/ce"] / math.log(2), rel=1e-5)
-        assert 0 < r["bits_per_code"] < 8 and r["grids_per_s"] > 0 and 0 < r["lr"] <= config["lr"]
+        assert 0 < r["bits_per_code"] < 8 and r["grids_per_s"] > 0 and 0 < r["lr"] <= config["lr"] * (1 + 1e-6)
     val = [r for r in records if "val/bits_per_code" in r]
     assert [r["step"] for r in val] == [3, 6] and all(0 < r["val/bits_per_code"] < 8 for r in val)
     assert best["best"] == pytest.approx(min(r["val/bits_per_code"] for r in val))

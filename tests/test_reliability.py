@@ -98,6 +98,11 @@ def _loss_steps(run):
     return [r["step"] for r in util.read_jsonl(path) if any(k.startswith("loss/") for k in r)]
 
 
+def _last_step(run):
+    steps = _loss_steps(run)
+    return steps[-1] if steps else 0
+
+
 def _records(run):
     """log.jsonl without the throughput numbers (which depend on the machine's load)."""
     return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in util.read_jsonl(run / "log.jsonl")]
@@ -190,9 +195,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference
         job = _Launched(argv, tmp_path, f"{trial}-{mode}")
         proc = job.proc
         if mode != "finish":
-            # Training is under way in this process once it logs a step beyond its start.
-            assert _wait_for(lambda: bool(_loss_steps(run)) and _loss_steps(run)[-1] > start, proc), \
-                job.err.read_text()[-2000:]
+            # Training is under way in this process once it has rewound the log (said so on stdout)
+            # and logged a step beyond its start.
+            if trial > 0:
+                assert _wait_for(lambda: re.search(r"^resume", job.out.read_text(), re.M), proc), \
+                    job.err.read_text()[-2000:]
+            assert _wait_for(lambda: _last_step(run) > start, proc), job.err.read_text()[-2000:]
             if mode == "checkpoint-write":
                 # Kill the moment a checkpoint's temporary file appears (or, should the poll miss
                 # one, right after last.pt changes).
@@ -207,8 +215,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference
             elif mode == "random":
                 # A seeded random point of the remaining run (in steps, so machine speed does not
                 # matter), then a random fraction of a step on top.
-                target = rng.randint(_loss_steps(run)[-1], STEPS - 2)
-                _wait_for(lambda: _loss_steps(run)[-1] >= target, proc, interval=0.002)
+                target = rng.randint(_last_step(run), STEPS - 2)
+                _wait_for(lambda: _last_step(run) >= target, proc, interval=0.002)
                 time.sleep(rng.uniform(0.0, 0.05))
             proc.kill()
         rc, out, err = job.finish()
@@ -228,7 +236,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference
             break
         assert rc == -signal.SIGKILL
         tmp_left = _tmp_files(run)
-        landed.append(f"{mode}: step {_loss_steps(run)[-1]}" + (", mid-write" if tmp_left else ""))
+        landed.append(f"{mode}: step {_last_step(run)}" + (", mid-write" if tmp_left else ""))
         stale = tmp_left
         # last.pt (if any) loads, is one of the scheduled checkpoints and never goes back in time.
         if (run / "last.pt").exists():
@@ -293,7 +301,9 @@ def test_sigterm_and_sigint_save_and_resume(tmp_path, reference, tiny_data, vae_
     for i, (label, signals, code) in enumerate(plan):
         argv = [*script, *args, "--out", run] if i == 0 else [*script, "--resume", run]
         job = _Launched(argv, tmp_path, f"sig{i}")
-        assert _wait_for(lambda: bool(_loss_steps(run)) and _loss_steps(run)[-1] >= saved + 2, job.proc)
+        if i > 0:  # the log is rewound on resume: wait for that before reading it
+            assert _wait_for(lambda: re.search(r"^resume", job.out.read_text(), re.M), job.proc)
+        assert _wait_for(lambda: _last_step(run) >= saved + 2, job.proc)
         for sig in signals:
             job.proc.send_signal(sig)
         rc, out, err = job.finish()
@@ -597,6 +607,29 @@ def test_existing_runs_are_never_overwritten(tmp_path, reference, stage_two_runs
         pixelCNN.main(["train", "--ae", str(other_vq), "--preset", "smoke", "--out", str(pcnn)])
     for run, files in before.items():
         assert _snapshot(run) == files, f"{run} changed"
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, tiny_data):
+    """A checkpoint write that runs out of space (a file-size limit stands in for a full disk): one error line,
+    the previous last.pt byte for byte, no temporary file left."""
+    import resource
+
+    run = tmp_path / "run"
+    prestage_train.main(["--preset", "smoke", "--data", str(tiny_data), "--out", str(run), "--steps", "8",
+                         "--stop-at", "4", "--ckpt-every", "4", "--val-every", "1000", "--disc-start", "100"])
+    before = (run / "last.pt").read_bytes()
+
+    def small_files():  # in the child only: files may not grow past half a checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, "prestage_train.py", "--resume", str(run)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=_env(), preexec_fn=small_files)
+    err = _assert_one_line_error(proc, "could not write the checkpoint", "is the disk full?")
+    # (at the last step validation writes best.pt first, so that is the write that fails)
+    assert re.match(rf"error: {re.escape(str(run))}/(best|last)\.pt: .*any previous (best|last)\.pt is unchanged", err)
+    assert (run / "last.pt").read_bytes() == before and not _tmp_files(run)
+    assert util.load_checkpoint(run / "last.pt")["step"] == 4
 
 
 # ----------------------------------------------------------------------------------------------

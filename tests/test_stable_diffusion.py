@@ -80,19 +80,14 @@ def ldm_vq(tmp_path_factory, vqvae_run):
 
 
 @pytest.fixture(scope="module")
-def quick_eval(tmp_path_factory, tiny_data, monkeypatch_module):
+def quick_eval(tmp_path_factory, tiny_data):
     """evaluation with a z regressor cached in a temp dir (100 steps, not 800) and no Inception/torchvision."""
     cache = tmp_path_factory.mktemp("zreg")
     evaluation.z_regressor_for(tiny_data, 32, cache_dir=cache, steps=100, verbose=False)
-    monkeypatch_module.setattr(evaluation, "CACHE_DIR", cache)
-    monkeypatch_module.setattr(evaluation, "inception_model", lambda: (None, "not loaded in tests"))
-    return cache
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
     mp = pytest.MonkeyPatch()
-    yield mp
+    mp.setattr(evaluation, "CACHE_DIR", cache)
+    mp.setattr(evaluation, "inception_model", lambda: (None, "not loaded in tests"))
+    yield cache
     mp.undo()
 
 
@@ -140,7 +135,7 @@ def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data,
     assert [r["step"] for r in train] == [2, 4, 6]  # log_every 2
     for r in train:
         assert {"loss_t/q1", "loss_t/q2", "loss_t/q3", "loss_t/q4", "lr", "latents_per_s"} <= r.keys()
-        assert 0 < r["loss/diffusion"] < 5 and r["latents_per_s"] > 0 and 0 < r["lr"] <= config["lr"]
+        assert 0 < r["loss/diffusion"] < 5 and r["latents_per_s"] > 0 and 0 < r["lr"] <= config["lr"] * (1 + 1e-6)
         quarts = [r[f"loss_t/q{q}"] for q in range(1, 5)]
         assert all(q == "nan" or 0 < q < 10 for q in quarts) and any(q != "nan" for q in quarts)
     val = [r for r in records if "val/loss" in r]
@@ -197,7 +192,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, vae_run, capsys):
     assert steps[0] == steps[1] == [2, 4, 6, 8]  # the log continues without duplicated steps
     losses = [[(r["step"], r.get("loss/diffusion"), r.get("val/loss")) for r in log] for log in logs]
     assert losses[0] == losses[1]
-    assert (straight / "samples" / "sample_0000008.png").read_bytes() == (chunked / "samples" / "sample_0000008.png").read_bytes()
+    grid = Path("samples") / "sample_0000008.png"
+    assert (straight / grid).read_bytes() == (chunked / grid).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +206,8 @@ def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sam
     base += ["--steps", steps] if steps else []
     _sd(*base, "--seed", 3, "--out", tmp_path / "a.png", "--gif", tmp_path / "a.gif")
     out = capsys.readouterr().out
-    assert re.search(rf"6 samples \({sampler}, {steps or 100} steps, guidance 1.0\) in [\d.]+s: [\d.]+ ms per image", out)
+    assert re.search(rf"6 samples \({sampler}, {steps or 100} steps, guidance 1.0\) in [\d.]+s: [\d.]+ ms per image",
+                     out)
     with Image.open(tmp_path / "a.png") as im:
         assert im.size == _grid_size(2, 3)  # rows = --n, columns = z-indices
     with Image.open(tmp_path / "a.gif") as gif:
@@ -235,7 +232,8 @@ def test_ddim_eta0_is_deterministic_given_the_start_noise(ldm_vae):
 
 
 def test_guidance_runs_and_changes_the_samples(ldm_vae, tmp_path, capsys):
-    _sd("sample", "--ckpt", ldm_vae / "best.pt", "--steps", 5, "--z", "0,16", "--guidance", 2, "--out", tmp_path / "g.png")
+    _sd("sample", "--ckpt", ldm_vae / "best.pt", "--steps", 5, "--z", "0,16", "--guidance", 2,
+        "--out", tmp_path / "g.png")
     assert "guidance 2.0" in capsys.readouterr().out
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == _grid_size(1, 2)
