@@ -179,8 +179,8 @@ KILL_MODES = ("before-first-checkpoint", "checkpoint-write", "random")
 
 @pytest.mark.parametrize("name", ["vae", "vqvae", "ldm", "pixelcnn"])
 def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference, tiny_data, vae_run, vqvae_run):
-    """Three SIGKILLs per trainer (before the first checkpoint, during a checkpoint write, after a seeded
-    random delay), each followed by --resume; the finished run equals the uninterrupted one bit for bit."""
+    """Three SIGKILLs per trainer (before the first checkpoint, during a checkpoint write, at a seeded random
+    point of the run), each followed by --resume; the finished run equals the uninterrupted one bit for bit."""
     ref = reference(name)
     script, args = _chain_args(name, tiny_data, vae_run, vqvae_run)
     run = tmp_path / "run"
@@ -202,20 +202,21 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference
                     job.err.read_text()[-2000:]
             assert _wait_for(lambda: _last_step(run) > start, proc), job.err.read_text()[-2000:]
             if mode == "checkpoint-write":
-                # Kill the moment a checkpoint's temporary file appears (or, should the poll miss
-                # one, right after last.pt changes).
-                before = (run / "last.pt").stat().st_mtime_ns if (run / "last.pt").exists() else None
+                # Once a last.pt exists, kill the moment the next checkpoint's temporary file appears
+                # (or, should the poll miss it, right after last.pt changes): the old last.pt must survive.
+                assert _wait_for(lambda: (run / "last.pt").exists(), proc, interval=0.001)
+                before = (run / "last.pt").stat().st_mtime_ns
 
                 def writing():
                     if any(n.startswith(".last.pt.") and n.endswith(".tmp") for n in os.listdir(run)):
                         return True
-                    return (run / "last.pt").exists() and (run / "last.pt").stat().st_mtime_ns != before
+                    return (run / "last.pt").stat().st_mtime_ns != before
 
                 _wait_for(writing, proc, interval=0.0005)
             elif mode == "random":
                 # A seeded random point of the remaining run (in steps, so machine speed does not
                 # matter), then a random fraction of a step on top.
-                target = rng.randint(_last_step(run), STEPS - 2)
+                target = rng.randint(_last_step(run), STEPS - 4)
                 _wait_for(lambda: _last_step(run) >= target, proc, interval=0.002)
                 time.sleep(rng.uniform(0.0, 0.05))
             proc.kill()
@@ -639,7 +640,8 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, 
 @pytest.mark.parametrize("name", ["vae", "ldm", "pixelcnn"])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(name, tmp_path, tiny_data, vae_run, vqvae_run):
     script, _ = _chain_args(name, tiny_data, vae_run, vqvae_run)
-    extra = ["--data", tiny_data, "--disc-start", 100] if name == "vae" else ["--ae", _chain_args(name, tiny_data, vae_run, vqvae_run)[1][1]]
+    extra = {"vae": ["--data", tiny_data, "--disc-start", 100], "ldm": ["--ae", vae_run / "best.pt"],
+             "pixelcnn": ["--ae", vqvae_run / "best.pt"]}[name]
     out = tmp_path / "run"
     with pytest.raises(trainer.NonFiniteLoss) as err:
         _main(script, "--preset", "smoke", *extra, "--out", out, "--lr", "1e30", "--steps", 30,
