@@ -136,7 +136,7 @@ class DiffusionTask(tr.Task):
         zz = torch.tensor(zs, device=self.device)
         lat = sample(self.ema.model, self.schedule, (len(zs), *cfg["latent_shape"]), zz, sampler="ddim",
                      steps=cfg["sample_steps"], guidance=1.0, objective=cfg["objective"],
-                     generator=gen)
+                     generator=gen, clip_x0=cfg.get("x0_clip"))
         imgs = decode_latents(self.ae, lat, cfg["scale_factor"], zz.cpu(), self.device)
         util.save_image_grid(imgs, run_dir / "samples" / f"sample_{step:07d}.png", nrow=len(zs))
         return dict(losses)
@@ -175,6 +175,11 @@ def train(args):
     config["conditional"] = bool((cache["train_z"] >= 0).any())
     config["latent_shape"] = list(cache["train"].shape[1:])
     config.setdefault("scale_factor", 1.0 / cache["train"].float().std().item())
+    # Predicted x0 is clipped to the range of the (scaled) training latents when sampling: with eps
+    # prediction, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies any eps error by up to
+    # 1/sqrt(abar_T) (~156 for the linear schedule), and an unclipped first step can throw the whole
+    # trajectory off the data.
+    config.setdefault("x0_clip", (cache["train"].float() * config["scale_factor"]).abs().max().item())
     if args.dry_run:
         tr.print_config(config)
         return 0
@@ -213,7 +218,8 @@ def load_diffusion(path, device, ae_override=None):
     return model.to(device).eval(), schedule, ae, ckpt
 
 
-def generate(model, schedule, ae, ckpt, z, device, sampler, steps, eta, guidance, seed, batch_size=64, callback=None):
+def generate(model, schedule, ae, ckpt, z, device, sampler, steps, eta, guidance, seed, batch_size=64, callback=None,
+             clip_x0=None):
     """Sample latents for each z (batched) and decode them; returns images [N,1,H,W] and seconds taken."""
     config = ckpt["config"]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -225,7 +231,7 @@ def generate(model, schedule, ae, ckpt, z, device, sampler, steps, eta, guidance
         with util.autocast(device):
             lat = sample(model, schedule, (len(zz), *shape), zz, sampler=sampler, steps=steps, eta=eta,
                          guidance=guidance, objective=config["objective"], generator=gen,
-                         callback=callback if i == 0 else None)
+                         callback=callback if i == 0 else None, clip_x0=clip_x0)
         latents.append(lat.float())
     images = decode_latents(ae, torch.cat(latents), ckpt["scale_factor"], z, device)
     if device.type == "cuda":
@@ -273,7 +279,7 @@ def sample_cmd(args):
     util.check_writable(out.parent, "--out")
     frames, callback = gif_recorder(ae, ckpt, z, device) if args.gif else ([], None)
     images, seconds = generate(model, schedule, ae, ckpt, z, device, args.sampler, steps, args.eta,
-                               args.guidance, args.seed, args.batch_size, callback)
+                               args.guidance, args.seed, args.batch_size, callback, clip_for(args, config))
     util.save_image_grid(images, out, nrow=len(zs))
     print(f"{len(images)} samples ({args.sampler}, {steps} steps, guidance {args.guidance}) in {seconds:.2f}s: "
           f"{seconds / len(images) * 1000:.1f} ms per image -> {out}")
@@ -321,6 +327,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def clip_for(args, config):
+    """--clip-x0: None -> the training latents' range recorded at training time; 0 -> no clipping."""
+    if args.clip_x0 is None:
+        return config.get("x0_clip")
+    if args.clip_x0 < 0:
+        raise UserError(f"--clip-x0 {args.clip_x0}: must be >= 0 (0 disables clipping)")
+    return args.clip_x0 or None
+
+
 def _add_sample_args(p):
     p.add_argument("--ckpt", required=True, help="diffusion checkpoint (runs/NAME/best.pt)")
     p.add_argument("--ae", default=None, help="override the stage-one checkpoint recorded in --ckpt")
@@ -329,6 +344,8 @@ def _add_sample_args(p):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: conditional only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--clip-x0", type=float, default=None,
+                   help="clip predicted x0 to +-this (default: the training latents' range; 0: no clipping)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
@@ -354,7 +371,7 @@ def evaluate_cmd(args):
     z = util.sample_grid_z(zs, args.n)
     steps = sampling_steps(args, config)
     images, seconds = generate(model, schedule, ae, ckpt, z, device, args.sampler, steps, args.eta,
-                               args.guidance, args.seed, args.batch_size)
+                               args.guidance, args.seed, args.batch_size, clip_x0=clip_for(args, config))
     metrics = evaluation.evaluate_samples(images, z, config["data"])
     metrics.update(sampler=args.sampler, steps=steps, guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
     evaluation.report(metrics, args.out)

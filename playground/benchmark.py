@@ -6,7 +6,7 @@ What is timed (each configuration in its own subprocess, for a clean peak memory
 2. stage two: a training step (eps-MSE loss) of our `LatentUNet` and of MONAI's `DiffusionModelUNet` at the
    same widths, blocks, attention and heads (about 18.5M parameters), 16x16x3 latents, batch 32;
 3. sampling, per latent (decoding excluded): our DDIM (50 steps), DPM-Solver++(2M) (20 steps) and ancestral
-   DDPM (all 1000 steps, extrapolated from the first `--ddpm-steps`: every step costs the same), MONAI's
+   DDPM (all 1000 steps, extrapolated from the first 50: every step costs the same), MONAI's
    `DDIMScheduler` (50 steps) on its UNet, and `pixelCNN.sample_codes` per 16x16 code grid;
 4. our data path: slices/s that the in-memory loader delivers (`dataset.load_split(...).tensors()`, a random
    batch by `index_select`, `dataset.to_float`) next to the slices/s that a stage-one training step consumes.
@@ -55,7 +55,7 @@ FULL = dict(
              conditional=True, num_z=32, kl_weight=1e-6, lr=1e-4),
     unet=dict(latent=[3, 16, 16], batch=32, model_channels=128, channel_mult=[1, 2, 2], num_res_blocks=1,
               attn_resolutions=[8, 4], heads=8, conditional=True, num_z=32, timesteps=1000, p_uncond=0.1, lr=1e-4),
-    sample=dict(batch=8, ddim_steps=50, dpmpp_steps=20, ddpm_steps=100),
+    sample=dict(batch=8, ddim_steps=50, dpmpp_steps=20, ddpm_steps=50),
     pixelcnn=dict(preset="full", n_codes=1024, grid=[16, 16], batch=8),
     data=dict(size=64, batch=16, subjects=16, seconds=1.0),
     warmup=2, repeats=3,
@@ -108,6 +108,7 @@ def parse_args(argv):
 
 
 GROUPS = ("vae", "unet", "sample", "pixelcnn", "data")
+CONTENDED_CORES = 0.2  # foreign CPU load (cores) above which a timing is flagged as unreliable
 
 
 def monai_status(args):
@@ -223,12 +224,15 @@ def main(argv=None):
         results.append(res)
         status = f"error: {res['error']}" if "error" in res else (
             f"{res['items_per_s']:.3g} {res['unit']}/s")
-        print(f"  {_label(res):<44s} {status}  ({res.get('wall_s', 0):.0f} s)", flush=True)
+        busy = f", other processes {res['other_cores']:.2f} cores" if res.get("other_cores") else ""
+        print(f"  {_label(res):<44s} {status}  ({res.get('wall_s', 0):.0f} s{busy})", flush=True)
         if monai_path is not None and res.get("impl") == "monai" and "error" in res and "import" in res["error"]:
             print(f"MONAI not usable: {res['error']}", flush=True)
+        if args.out:  # partial results survive an interrupted run
+            write_json(args.out, dict(meta=dict(partial=True, command=_command(argv)), results=results))
     add_ratios(results)
     load_after = _loadavg()
-    meta = dict(command=" ".join([Path(sys.executable).name, "playground/benchmark.py", *(argv or sys.argv[1:])]),
+    meta = dict(command=_command(argv),
                 date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 total_s=round(time.time() - started, 1), threads=threads, device=args.device, quick=args.quick,
                 load_before=load_before, load_after=load_after, cpus=os.cpu_count(), python=platform.python_version(),
@@ -242,15 +246,29 @@ def main(argv=None):
     print()
     print(f"load average before {_fmt_load(load_before)}, after {_fmt_load(load_after)}; "
           f"{threads} thread(s); total {meta['total_s']:.0f} s")
+    busy = [r for r in results if (r.get("other_cores") or 0) > CONTENDED_CORES]
+    if busy:
+        worst = max(r["other_cores"] for r in busy)
+        print(f"warning: other processes kept up to {worst:.2f} cores busy during {len(busy)} of {len(results)} "
+              f"timed configurations (marked 'contended'); rerun on an idle machine for numbers to compare")
     for res in results:
         if res.get("profile"):
             print(f"\nprofile of {_label(res)} (one step, self time):\n{res['profile']}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(args.out, dict(meta=meta, results=results))}")
     return 1 if all("error" in r for r in results) and results else 0
+
+
+def _command(argv):
+    return " ".join([Path(sys.executable).name, "playground/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_json(path, data):
+    """Write `data` as indented JSON (creating the folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 def _loadavg():
@@ -309,6 +327,8 @@ def markdown_table(results):
     rows = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         name = r["kind"] + (f" {r['sampler']}" if r.get("sampler") else "")
+        if r["kind"] == "pixelcnn":
+            name = f"pixelcnn sample_codes num_threads={r.get('sample_threads') or 'all'}"
         impl = r["impl"] + (f" ({r['variant']})" if r.get("variant") not in (None, "eager") else "")
         if "error" in r:
             rows.append(f"| {name} | {impl} | | | | | | | | error: {r['error']} |")
@@ -317,6 +337,8 @@ def markdown_table(results):
         if "ratio" in r and r["kind"] == "data":
             ratio = f"{r['ratio']:.0f}x consumer"
         notes = list(r.get("notes", []))
+        if (r.get("other_cores") or 0) > CONTENDED_CORES:
+            notes.insert(0, f"**contended**: other processes used {r['other_cores']:.2f} cores")
         if "speedup_vs_eager" in r:
             notes.insert(0, f"{r['speedup_vs_eager']:.2f}x our eager")
         if r.get("compile_s") is not None:
@@ -365,7 +387,8 @@ def worker_main(job):
           "pixelcnn": bench_pixelcnn, "data": bench_data}[job["kind"]]
     meter = Memory(device)
     result = fn(job, cfg, device, meter)
-    result.update(peak_mem_mb=meter.peak_mb(), mem_kind=meter.kind, versions=versions)
+    result.update(peak_mem_mb=meter.peak_mb(), mem_kind=meter.kind, versions=versions,
+                  other_cores=CONTENTION.cores(), load_end=_loadavg())
     print(RESULT_TAG + json.dumps(dict(job, **result)))
     return 0
 
@@ -374,8 +397,6 @@ class Memory:
     """Peak memory of this process: max RSS growth over the baseline taken at creation (CPU), or CUDA peak."""
 
     def __init__(self, device):
-        import torch
-
         self.device = device
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "max RSS growth over baseline"
         self.reset()
@@ -403,6 +424,51 @@ def _maxrss_mb():
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+class Contention:
+    """CPU cores that *other* processes kept busy during a timed region (Linux: /proc/stat minus our own CPU time).
+
+    A benchmark on a shared 2-core machine is only meaningful when this is near 0: with torch's threads
+    spinning at barriers, one foreign busy core can slow a 2-thread step several times over.
+    """
+
+    def __init__(self):
+        self.total = 0.0  # foreign core-seconds
+        self.wall = 0.0
+        self._start = None
+
+    @staticmethod
+    def _sample():
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return busy / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime, time.perf_counter()
+
+    def start(self):
+        self._start = self._sample()
+
+    def stop(self):
+        end = self._sample()
+        if self._start is None or end is None:
+            return
+        busy, mine, wall = (e - s for e, s in zip(end, self._start))
+        self.total += max(busy - mine, 0.0)
+        self.wall += wall
+        self._start = None
+
+    def cores(self):
+        """Average number of cores other processes used over the timed regions (None where unknown)."""
+        return round(self.total / self.wall, 2) if self.wall > 0 else None
+
+
+CONTENTION = Contention()
+
+
 def _sync(device):
     import torch
 
@@ -422,10 +488,12 @@ def timed(fn, device, warmup, repeats, first_separately=False):
     times = []
     for _ in range(repeats):
         _sync(device)
+        CONTENTION.start()
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        CONTENTION.stop()
     return statistics.median(times), times, first
 
 
@@ -646,10 +714,12 @@ def bench_sample(job, cfg, device, meter):
         model = _our_unet(c).to(device).eval()
         schedule = NoiseSchedule("linear", c["timesteps"])
         steps = {"ddim": s["ddim_steps"], "dpmpp": s["dpmpp_steps"], "ddpm": s["ddpm_steps"]}[job["sampler"]]
-        scale = 1.0
+        scale, evaluations = 1.0, steps
 
         if job["sampler"] == "ddpm":
-            scale = c["timesteps"] / steps
+            # ancestral sampling takes all T steps; every step costs the same, so the first `steps` are timed
+            steps = min(steps, c["timesteps"])
+            scale, evaluations = c["timesteps"] / steps, c["timesteps"]
 
             def stop_after(i, total, x, x0):
                 if i + 1 == steps:
@@ -669,12 +739,16 @@ def bench_sample(job, cfg, device, meter):
         def warm():
             with torch.no_grad():
                 model(torch.randn(shape, device=device), torch.full((b,), 10, device=device), z)
+
+        def forward(n):
+            with torch.no_grad():
+                model(torch.randn(n, *shape[1:], device=device), torch.full((n,), 10, device=device), z[:n])
     else:
         from monai.networks.schedulers import DDIMScheduler
 
         model = _monai_unet(c).to(device).eval()
         steps = s["ddim_steps"]
-        scale = 1.0
+        scale, evaluations = 1.0, steps
         scheduler = DDIMScheduler(num_train_timesteps=c["timesteps"], schedule="linear_beta", clip_sample=False)
         scheduler.set_timesteps(steps)
 
@@ -688,15 +762,21 @@ def bench_sample(job, cfg, device, meter):
         def warm():
             with torch.no_grad():
                 model(torch.randn(shape, device=device), timesteps=torch.full((b,), 10, device=device), class_labels=z)
+
+        def forward(n):
+            with torch.no_grad():
+                model(torch.randn(n, *shape[1:], device=device), timesteps=torch.full((n,), 10, device=device),
+                      class_labels=z[:n])
+    gflop = round(count_gflop(forward, 1) * evaluations, 3)
     meter.reset()
     # Warm-up: network evaluations at the sampling shape (a whole sampler run would cost minutes).
     for _ in range(max(job["warmup"], 1)):
         warm()
     median, times, _ = timed(run, device, 0, job["repeats"])
     per_batch = median * scale
-    notes.insert(0, f"{steps} steps" if scale == 1 else f"{c['timesteps']} steps")
+    notes.insert(0, f"{evaluations} steps")
     notes.append(f"median of {job['repeats']} runs; per latent, batch {b}, decoding excluded")
-    return dict(params_m=count_params(model), batch=b, unit="latents", items_per_s=b / per_batch,
+    return dict(params_m=count_params(model), gflop_per_item=gflop, batch=b, unit="latents", items_per_s=b / per_batch,
                 seconds_per_batch=per_batch, times=times, steps=steps, extrapolation=scale, notes=notes,
                 config=f"{'x'.join(map(str, c['latent']))} latents")
 
@@ -765,7 +845,11 @@ def bench_data(job, cfg, device, meter):
         return done / (time.perf_counter() - start)
 
     batches()  # warm-up
-    rates = [batches() for _ in range(job["repeats"])]
+    rates = []
+    for _ in range(job["repeats"]):
+        CONTENTION.start()
+        rates.append(batches())
+        CONTENTION.stop()
     rate = statistics.median(rates)
     if tmp is not None:
         tmp.cleanup()

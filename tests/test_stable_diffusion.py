@@ -244,6 +244,28 @@ def test_guidance_runs_and_changes_the_samples(ldm_vae, tmp_path, capsys):
     assert plain.shape == guided.shape == (2, 1, 32, 32) and not torch.equal(plain, guided)
 
 
+def test_x0_clip_defaults_to_training_latent_range(ldm_vae, tmp_path):
+    model, schedule, ae, ckpt = sd.load_diffusion(ldm_vae / "best.pt", CPU)
+    cache = torch.load(ldm_vae / "latents.pt", weights_only=True)
+    expected = (cache["train"].float() * ckpt["scale_factor"]).abs().max().item()
+    assert ckpt["config"]["x0_clip"] == pytest.approx(expected)
+    seen = []
+    z = torch.tensor([0, 16])
+
+    def record(i, n, x_t, x0_pred):
+        seen.append(x0_pred.abs().max().item())
+
+    sd.generate(model, schedule, ae, ckpt, z, CPU, "ddim", 5, 0.0, 1.0, seed=0, callback=record, clip_x0=expected)
+    assert max(seen) <= expected + 1e-5
+    args = sd.parse_args(["sample", "--ckpt", str(ldm_vae / "best.pt")])
+    assert sd.clip_for(args, ckpt["config"]) == pytest.approx(expected)
+    args.clip_x0 = 0.0
+    assert sd.clip_for(args, ckpt["config"]) is None  # 0 switches clipping off
+    args.clip_x0 = -1.0
+    with pytest.raises(UserError, match="--clip-x0 -1.0: must be >= 0"):
+        sd.clip_for(args, ckpt["config"])
+
+
 def test_evaluate_writes_metrics_json(ldm_vae, tmp_path, quick_eval):
     _sd("evaluate", "--ckpt", ldm_vae / "best.pt", "--n", 1, "--steps", 5, "--out", tmp_path / "m.json")
     m = json.loads((tmp_path / "m.json").read_text())
