@@ -10,6 +10,11 @@ Commands:
     python stable_diffusion.py evaluate --ckpt runs/ldm-demo/best.pt --sampler ddim --steps 50
     torchrun --nproc_per_node=4 stable_diffusion.py train --ae runs/vq-full/best.pt --preset full
 
+Objective: v-prediction (Salimans & Ho 2022) by default. With eps-prediction the x0 estimate
+(x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies the network's eps error by up to 1/sqrt(abar_T) ~ 156
+at the first sampling step; on the demo a short eps-trained model then sampled latents with 10x the data's
+std (measured), while v-prediction gives x0 directly at high noise. `--objective eps` remains available.
+
 Which latent is diffused: for a VAE, the posterior mean; for a VQ-VAE, the *quantised* code vectors
 (what its decoder was trained on), and samples are snapped back to the nearest code before decoding.
 Latents are multiplied by a scale factor (1 / std of the training latents, stored in the checkpoint)
@@ -28,15 +33,15 @@ from util import UserError
 
 PRESETS = {
     "full": dict(lr_schedule="constant", model_channels=192, channel_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[16, 8], heads=8,
-                 dropout=0.0, schedule="linear", timesteps=1000, objective="eps", p_uncond=0.1,
+                 dropout=0.0, schedule="linear", timesteps=1000, objective="v", p_uncond=0.1,
                  batch_size=64, lr=1e-4, warmup=1000, ema_decay=0.9999, steps=200000, log_every=100,
                  val_every=5000, ckpt_every=5000, sample_steps=50, seed=0),
     "demo": dict(lr_schedule="cosine", model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8, 4], heads=4,
-                 dropout=0.0, schedule="linear", timesteps=1000, objective="eps", p_uncond=0.1,
+                 dropout=0.0, schedule="linear", timesteps=1000, objective="v", p_uncond=0.1,
                  batch_size=32, lr=5e-4, warmup=100, ema_decay=0.995, steps=2000, log_every=50,
                  val_every=500, ckpt_every=500, sample_steps=25, seed=0),
     "smoke": dict(lr_schedule="cosine", model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], heads=1,
-                  dropout=0.0, schedule="linear", timesteps=100, objective="eps", p_uncond=0.1,
+                  dropout=0.0, schedule="linear", timesteps=100, objective="v", p_uncond=0.1,
                   batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, steps=6, log_every=2, val_every=3,
                   ckpt_every=3, sample_steps=5, seed=0),
 }
