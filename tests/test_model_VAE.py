@@ -370,7 +370,7 @@ def test_ema_statistics_all_reduced_across_processes(tmp_path):
     torch.manual_seed(0)
     batches = [torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3) + 1.0]
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batches, str(tmp_path)), nprocs=2, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     # the replicas' EMA statistics equal those of one process seeing both batches
