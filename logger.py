@@ -171,7 +171,8 @@ def plot(runs, labels, out, smooth=1):
         ax.axis("off")
     suffix = f" (moving average over {smooth} points)" if smooth > 1 else ""
     fig.suptitle(", ".join(labels) + suffix, fontsize=11)
-    fig.tight_layout()
+    # leave the top strip to the title: plain tight_layout lets it overlap the first row's panel titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.0 * rows)))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110)
