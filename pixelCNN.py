@@ -452,11 +452,7 @@ def train(args):
     if rank == 0:
         print(f"preset: {config['preset']}; stage one: vqvae from {config['ae']}")
     out = Path(config["out"])
-    if rank == 0:  # (only rank 0 touches the run directory: no races between processes)
-        if args.resume or args.overwrite:
-            util.check_writable(out, "--resume" if args.resume else "--out")
-        else:  # refuse an existing run now, before encoding (which would also replace that run's codes.pt)
-            util.prepare_run_dir(out, flag="--out")
+    tr.claim_run_dir(args, out, rank)  # before encoding, which would replace an existing run's codes.pt
     cache = util.stage_two_cache(ae, ae_ckpt, config, device, "indices", out / "codes.pt", write=rank == 0)
     config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"],
                   conditional=bool((cache["train_z"] >= 0).any()), grid=list(cache["train"].shape[1:]),
@@ -468,14 +464,7 @@ def train(args):
     if rank == 0:
         print(f"codes {config['grid']} of {config['n_codes']}; PixelCNN "
               f"{sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
-    data = tr.data_to_device((cache["train"], cache["train_z"]), device)
-    fit = tr.start_run(task, config, data, args.resume, args.overwrite, rank, world, device)
-    fit.fit()
-    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
-        best = "none" if fit.best is None else f"{fit.best:.4f}"
-        print(f"done: {config['out']}/best.pt (best val/bits_per_code {best})")
-    tr.cleanup_distributed()
-    return 0
+    return tr.train_and_report(task, config, (cache["train"], cache["train_z"]), args, rank, world, device)
 
 
 def load_prior(path, device, ae_override=None):

@@ -299,15 +299,7 @@ def main(argv=None):
                     seen.add(note)
                     print(f"note ({split.split}): {note}")
         print(f"autoencoder: {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
-    fit = tr.start_run(task, config, tr.data_to_device(train.tensors(), device), args.resume, args.overwrite,
-                       rank, world, device)
-    metrics = fit.fit()
-    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
-        best = "none" if fit.best is None else f"{fit.best:.4f}"  # None: paused before any validation
-        print(f"done: {config['out']}/best.pt (best val/ssim {best}); last metrics "
-              + json.dumps({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}))
-    tr.cleanup_distributed()
-    return 0
+    return tr.train_and_report(task, config, train.tensors(), args, rank, world, device)
 
 
 if __name__ == "__main__":

@@ -168,11 +168,7 @@ def train(args):
     if rank == 0:
         print(f"preset: {config['preset']}; stage one: {ae_ckpt['model_type']} from {config['ae']}")
     out = Path(config["out"])
-    if rank == 0:  # (only rank 0 touches the run directory: no races between processes)
-        if args.resume or args.overwrite:
-            util.check_writable(out, "--resume" if args.resume else "--out")
-        else:  # refuse an existing run now, before encoding (which would also replace that run's latents.pt)
-            util.prepare_run_dir(out, flag="--out")
+    tr.claim_run_dir(args, out, rank)  # before encoding, which would replace an existing run's latents.pt
     cache = util.stage_two_cache(ae, ae_ckpt, config, device, "latent", out / "latents.pt", write=rank == 0)
     config["ae_sha256"] = cache["ae_sha256"]
     config["data"] = cache["data"]
@@ -192,14 +188,7 @@ def train(args):
     if rank == 0:
         print(f"latents {config['latent_shape']}, scale factor {config['scale_factor']:.4f}; "
               f"UNet {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
-    data = tr.data_to_device((cache["train"], cache["train_z"]), device)
-    fit = tr.start_run(task, config, data, args.resume, args.overwrite, rank, world, device)
-    fit.fit()
-    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
-        best = "none" if fit.best is None else f"{fit.best:.4f}"
-        print(f"done: {config['out']}/best.pt (best val/loss {best})")
-    tr.cleanup_distributed()
-    return 0
+    return tr.train_and_report(task, config, (cache["train"], cache["train_z"]), args, rank, world, device)
 
 
 # ----------------------------------------------------------------------------------------------

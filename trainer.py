@@ -536,6 +536,29 @@ def start_run(task, config, data, resume, overwrite, rank, world, device):
     return trainer
 
 
+def claim_run_dir(args, out, rank):
+    """Check the run directory before expensive setup (stage-two encoding): refuse an existing run unless
+    --resume/--overwrite, else just check it is writable. Only rank 0 touches it (no races)."""
+    if rank != 0:
+        return
+    if args.resume or args.overwrite:
+        util.check_writable(out, "--resume" if args.resume else "--out")
+    else:
+        util.prepare_run_dir(out, flag="--out")
+
+
+def train_and_report(task, config, data, args, rank, world, device):
+    """Start (or resume) the run, train, print where the best checkpoint is; returns the exit code 0."""
+    fit = start_run(task, config, data_to_device(data, device), args.resume, args.overwrite, rank, world, device)
+    metrics = fit.fit()
+    if rank == 0 and fit.step >= config["steps"]:  # (after --stop-at the trainer has said how to continue)
+        best = "none" if fit.best is None else f"{fit.best:.4f}"  # None: paused before any validation
+        last = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"done: {config['out']}/best.pt (best {task.select_metric[0]} {best}); last metrics {json.dumps(last)}")
+    cleanup_distributed()
+    return 0
+
+
 def data_to_device(tensors, device, limit_bytes=4 << 30):
     """Keep the whole training set on the GPU when it fits (no loader at all), else on the host."""
     size = sum(t.numel() * t.element_size() for t in tensors)

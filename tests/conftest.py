@@ -1,8 +1,12 @@
 """Shared fixtures: a tiny embedded dataset and trained smoke checkpoints, built once per session."""
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,3 +45,38 @@ def vqvae_run(tmp_path_factory, tiny_data):
 def pytest_configure(config):
     config.addinivalue_line("markers", "ddp: multi-process torchrun (gloo) runs; part of the default run, "
                                        "deselect with -m 'not ddp' when short of time")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of the stage-two CLI tests (imported as `from conftest import ...`)
+
+CADENCE = ["--steps", 6, "--log-every", 2, "--val-every", 3, "--ckpt-every", 3]  # pinned: the tests count on it
+TILE = 32 + 2  # a 32x32 slice plus util.image_grid's 2px padding
+
+
+def run_user_cli(*argv):
+    """Run a command as a user would (one thread per process); returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *[str(a) for a in argv]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def free_port():
+    """A free TCP port on localhost for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grid_size(rows, cols):
+    """(width, height) of util.image_grid for rows x cols 32x32 tiles."""
+    return cols * TILE + 2, rows * TILE + 2
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and leaves the other core alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,12 +5,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_pixelCNN_cli.py 
 """
 import json
 import math
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,41 +20,15 @@ import prestage_train
 import util
 from util import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import CADENCE, free_port as _free_port, grid_size as _grid_size  # noqa: E402
+from conftest import run_user_cli as _cli  # noqa: E402
+
 CPU = torch.device("cpu")
-CADENCE = ["--steps", 6, "--log-every", 2, "--val-every", 3, "--ckpt-every", 3]  # pinned: the tests count on it
-TILE = 32 + 2  # a 32x32 slice plus util.image_grid's 2px padding
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pc(*argv):
     return pixelCNN.main([str(a) for a in argv])
-
-
-def _cli(*argv):
-    """Run a command as a user would (one thread per process); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *[str(a) for a in argv]], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _grid_size(rows, cols):
-    """(width, height) of util.image_grid for rows x cols 32x32 tiles."""
-    return cols * TILE + 2, rows * TILE + 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and leaves the other core alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
