@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from module import ConditionEmbedding, group_norm
-from util import UserError, ms_ssim
+from util import UserError, ms_ssim, ssim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +195,16 @@ class VGGFeatureDistance(nn.Module):
         return torch.stack(per_layer, dim=1).mean(dim=1)
 
 
+class SSIMLoss(nn.Module):
+    """1 - SSIM (util.ssim: 11x11 Gaussian window, data range 2 for [-1, 1] images) per sample [B].
+
+    Single-scale SSIM weighs the finest structure that MS-SSIM at 64x64 (three scales, the finest at
+    7% weight) mostly ignores; it is also the metric stage one is selected and reported on."""
+
+    def forward(self, x, y):
+        return 1.0 - ssim(x, y, data_range=2.0)
+
+
 class MSSSIMLoss(nn.Module):
     """1 - MS-SSIM (util.ms_ssim, data range 2 for [-1, 1] images) per sample [B]."""
 
@@ -215,7 +225,7 @@ MSSSIM_DESCRIPTION = "perceptual: MS-SSIM (1 - util.ms_ssim per sample [B], no p
 
 
 def build_perceptual_loss(kind="auto"):
-    """(loss module or None, description). kind: 'auto' (LPIPS-style, else MS-SSIM), 'lpips', 'msssim', 'none'.
+    """(loss module or None, description). kind: 'auto' (LPIPS-style, else MS-SSIM), 'lpips', 'msssim', 'ssim', 'none'.
 
     The module takes two image batches in [-1, 1] and returns a per-sample loss [B]. An explicit 'lpips'
     that cannot be built raises util.UserError saying why.
@@ -224,6 +234,8 @@ def build_perceptual_loss(kind="auto"):
         return None, "perceptual: none"
     if kind == "msssim":
         return MSSSIMLoss(), MSSSIM_DESCRIPTION
+    if kind == "ssim":
+        return SSIMLoss(), "perceptual: SSIM (1 - util.ssim per sample [B], 11x11 Gaussian window)"
     if kind == "lpips":
         try:
             return _lpips_like()
@@ -234,4 +246,4 @@ def build_perceptual_loss(kind="auto"):
             return _lpips_like()
         except PerceptualUnavailable as err:
             return MSSSIMLoss(), f"perceptual: MS-SSIM (LPIPS unavailable: {err}; 1 - util.ms_ssim per sample [B])"
-    raise ValueError(f"unknown perceptual loss {kind!r}; expected 'auto', 'lpips', 'msssim' or 'none'")
+    raise ValueError(f"unknown perceptual loss {kind!r}; expected 'auto', 'lpips', 'msssim', 'ssim' or 'none'")

@@ -24,6 +24,7 @@ Commands:
     python pixelCNN.py train --resume runs/pixelcnn-demo
     python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --n 2 --z 0..31 --temperature 1.0 \
         --seed 0 --out grid.png
+    python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --z 0,8,16,24 --guidance 2   # follow z more closely
     python pixelCNN.py evaluate --ckpt runs/pixelcnn-demo/best.pt --n 4
     torchrun --nproc_per_node=4 pixelCNN.py train --ae runs/vq-full/best.pt --preset full
 """
@@ -485,9 +486,20 @@ def check_sample_args(args):
     """One clear line for sample/evaluate flags that would otherwise fail deep inside sampling."""
     if args.n < 1 or args.batch_size < 1:
         raise UserError(f"--n {args.n} --batch-size {args.batch_size}: both must be at least 1")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise UserError(f"--guidance {args.guidance}: must be a finite number >= 0 (1: conditional only)")
 
 
-def generate(model, ae, ckpt, z, device, temperature, seed, batch_size=64):
+def guidance_for(args, config):
+    """The guidance scale to sample with; a scale other than 1 needs a z-conditioned prior trained with
+    --p-uncond > 0 (else the null-condition logits it mixes in were never learned)."""
+    if args.guidance != 1.0 and not (config["conditional"] and config.get("p_uncond", 0) > 0):
+        raise UserError(f"--guidance {args.guidance}: this prior was trained without condition dropout "
+                        f"(conditional={config['conditional']}, p_uncond={config.get('p_uncond', 0)}); use --guidance 1")
+    return args.guidance
+
+
+def generate(model, ae, ckpt, z, device, temperature, seed, batch_size=64, guidance=1.0):
     """Sample code grids for each z (batched) and decode them; returns images and seconds taken."""
     config = ckpt["config"]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -496,7 +508,7 @@ def generate(model, ae, ckpt, z, device, temperature, seed, batch_size=64):
     for i in range(0, len(z), batch_size):
         zz = z[i:i + batch_size].to(device) if config["conditional"] else None
         codes.append(sample_codes(model, tuple(ckpt["grid"]), zz if zz is not None else None, temperature=temperature,
-                                  generator=gen, batch_size=len(z[i:i + batch_size])))
+                                  generator=gen, guidance=guidance, batch_size=len(z[i:i + batch_size])))
     images = decode_codes(ae, torch.cat(codes), z, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -513,9 +525,10 @@ def sample_cmd(args):
     z = util.sample_grid_z(zs, args.n)
     out = Path(args.out)
     util.check_writable(out.parent, "--out")
-    images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size)
+    images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size,
+                               guidance_for(args, config))
     util.save_image_grid(images, out, nrow=len(zs))
-    print(f"{len(images)} samples (temperature {args.temperature}) in {seconds:.2f}s: "
+    print(f"{len(images)} samples (temperature {args.temperature}, guidance {args.guidance}) in {seconds:.2f}s: "
           f"{seconds / len(images) * 1000:.1f} ms per image -> {out}")
     return 0
 
@@ -530,9 +543,10 @@ def evaluate_cmd(args):
     config = ckpt["config"]
     zs = list(range(config["num_z"])) if config["conditional"] else [-1]
     z = util.sample_grid_z(zs, args.n)
-    images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size)
+    images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size,
+                               guidance_for(args, config))
     metrics = evaluation.evaluate_samples(images, z, config["data"])
-    metrics.update(sampler="pixelcnn", temperature=args.temperature, ms_per_image=seconds / len(images) * 1000)
+    metrics.update(sampler="pixelcnn", temperature=args.temperature, guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
     evaluation.report(metrics, args.out)
     return 0
 
@@ -557,6 +571,8 @@ def parse_args(argv):
         s.add_argument("--ckpt", required=True, help="PixelCNN checkpoint (runs/NAME/best.pt)")
         s.add_argument("--ae", default=None, help="override the VQ-VAE checkpoint recorded in --ckpt")
         s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")
+        s.add_argument("--guidance", type=float, default=1.0,
+                       help="classifier-free guidance scale on the logits (1: conditional only; >1 follows z more closely, twice the cost)")
         s.add_argument("--seed", type=int, default=0, help="sampling seed")
         s.add_argument("--batch-size", type=int, default=64, help="grids sampled at once")
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -238,7 +238,7 @@ def parse_args(argv):
     p.add_argument("--disc-ch", type=int, default=None, help="discriminator base width")
     p.add_argument("--disc-layers", type=int, default=None, help="discriminator stride-2 layers")
     p.add_argument("--gan-loss", choices=["hinge", "nonsat"], default=None, help="GAN loss")
-    p.add_argument("--perceptual", choices=["auto", "lpips", "msssim", "none"], default=None, help="perceptual loss (auto: LPIPS-VGG if its weights are local, else MS-SSIM)")
+    p.add_argument("--perceptual", choices=["auto", "lpips", "msssim", "ssim", "none"], default=None, help="perceptual loss (auto: LPIPS-VGG if its weights are local, else MS-SSIM)")
     p.add_argument("--perceptual-weight", type=float, default=None, help="perceptual loss weight")
     p.add_argument("--rec-loss", choices=["l1", "l2"], default=None, help="pixel reconstruction loss")
     p.add_argument("--kl-weight", type=float, default=None, help="maximum KL weight (VAE)")

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -150,7 +151,7 @@ def test_unconditional_data_trains_and_samples(tmp_path, tiny_data, capsys):
 def test_sample_writes_grid_and_is_seeded(pcnn_run, tmp_path, capsys):
     base = ["sample", "--ckpt", pcnn_run / "best.pt", "--n", 2, "--z", "0,5,9", "--device", "cpu"]
     _pc(*base, "--seed", 3, "--out", tmp_path / "a.png")
-    assert re.search(r"6 samples \(temperature 1.0\) in [\d.]+s: [\d.]+ ms per image", capsys.readouterr().out)
+    assert re.search(r"6 samples \(temperature 1.0, guidance 1.0\) in [\d.]+s: [\d.]+ ms per image", capsys.readouterr().out)
     with Image.open(tmp_path / "a.png") as im:
         assert im.size == _grid_size(2, 3)  # rows = --n, columns = z-indices
     _pc(*base, "--seed", 3, "--out", tmp_path / "b.png")
@@ -172,12 +173,40 @@ def test_temperature_zero_is_greedy_and_ignores_the_seed(pcnn_run, tmp_path):
         assert torch.equal(model(codes, z).argmax(dim=1), codes)
 
 
+def test_guidance_reaches_the_sampler(pcnn_run, tmp_path, capsys):
+    # The PNG equals the guided codes of sample_codes at the same seed, decoded; and guidance changes it.
+    base = ["sample", "--ckpt", pcnn_run / "best.pt", "--n", 1, "--z", "0,16,31", "--seed", 5]
+    _pc(*base, "--guidance", 3, "--out", tmp_path / "g3.png")
+    assert "(temperature 1.0, guidance 3.0)" in capsys.readouterr().out
+    _pc(*base, "--out", tmp_path / "g1.png")
+    model, ae, ckpt = pixelCNN.load_prior(pcnn_run / "best.pt", CPU)
+    z = torch.tensor([0, 16, 31])
+    for name, scale in (("g3.png", 3.0), ("g1.png", 1.0)):
+        codes = pixelCNN.sample_codes(model, tuple(ckpt["grid"]), z, 1.0, torch.Generator().manual_seed(5),
+                                      guidance=scale)
+        with Image.open(tmp_path / name) as im:
+            assert np.array_equal(np.asarray(im), util.image_grid(pixelCNN.decode_codes(ae, codes, z, CPU), nrow=3))
+    assert (tmp_path / "g3.png").read_bytes() != (tmp_path / "g1.png").read_bytes()
+
+
+def test_guidance_needs_a_prior_trained_with_condition_dropout(pcnn_run, tmp_path):
+    ckpt = util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")
+    ckpt["config"]["p_uncond"] = 0.0
+    plain = util.save_checkpoint({k: v for k, v in ckpt.items() if not k.startswith("_")}, tmp_path / "no_drop.pt")
+    with pytest.raises(UserError, match=r"--guidance 2.0: this prior was trained without condition dropout"):
+        _pc("sample", "--ckpt", plain, "--guidance", 2, "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"--guidance -1.0: must be a finite number >= 0"):
+        _pc("evaluate", "--ckpt", pcnn_run / "best.pt", "--guidance", -1)
+    _pc("sample", "--ckpt", plain, "--n", 1, "--z", "3", "--out", tmp_path / "ok.png")  # guidance 1 is fine
+    assert (tmp_path / "ok.png").exists()
+
+
 def test_evaluate_writes_metrics_json(pcnn_run, tmp_path, quick_eval):
     _pc("evaluate", "--ckpt", pcnn_run / "best.pt", "--n", 1, "--out", tmp_path / "m.json")
     m = json.loads((tmp_path / "m.json").read_text())
     for key in ("swd", "diversity_ms_ssim", "z_mae", "nn_l2", "ms_per_image"):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
-    assert m["n_samples"] == 32 and m["sampler"] == "pixelcnn" and m["temperature"] == 1.0
+    assert m["n_samples"] == 32 and m["sampler"] == "pixelcnn" and m["temperature"] == 1.0 and m["guidance"] == 1.0
     assert 0 <= m["diversity_ms_ssim"] <= 1 and m["swd"] > 0 and m["ms_per_image"] > 0
 
 
