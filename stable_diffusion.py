@@ -38,7 +38,7 @@ PRESETS = {
                  val_every=5000, ckpt_every=5000, sample_steps=50, seed=0),
     "demo": dict(lr_schedule="cosine", model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8, 4], heads=4,
                  dropout=0.0, schedule="linear", timesteps=1000, objective="v", p_uncond=0.1,
-                 batch_size=32, lr=5e-4, warmup=100, ema_decay=0.995, steps=2000, log_every=50,
+                 batch_size=32, lr=5e-4, warmup=100, ema_decay=0.995, steps=1500, log_every=50,
                  val_every=500, ckpt_every=500, sample_steps=25, seed=0),
     "smoke": dict(lr_schedule="cosine", model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], heads=1,
                   dropout=0.0, schedule="linear", timesteps=100, objective="v", p_uncond=0.1,

@@ -462,7 +462,7 @@ class Trainer:
                 record = {k: float(v) for k, v in losses.items()}
                 record[f"{self.task.items_name}_per_s"] = rate
                 self.log(record)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[:5]}, refresh=False)
+                bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in list(record.items())[:5]}, refresh=False)
                 t_last, items = time.perf_counter(), 0
             if self.step % cfg["val_every"] == 0 or self.step == total:
                 self.flush_checks()

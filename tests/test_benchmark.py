@@ -49,7 +49,8 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path):
         rows.append([c.strip() for c in line.strip("|").split("|")])
     assert all(len(r) == len(cols) for r in rows)
     names = [(r[0], r[1]) for r in rows]
-    assert names == [("vae_train", "ours"), ("vae_train", "ours (channels_last)"), ("unet_train", "ours"),
+    assert names == [("vae_train", "ours"), ("vae_train", "ours (channels_last)"),
+                     ("vae_train", "ours (LDM decoder + z)"), ("unet_train", "ours"),
                      ("unet_train", "ours (channels_last)"), ("sample ddim", "ours"), ("sample dpmpp", "ours"),
                      ("sample ddpm", "ours"), ("pixelcnn sample_codes num_threads=1", "ours"), ("data", "ours")], names
     assert not any("error" in r[-1] for r in rows), rows
@@ -76,6 +77,12 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path):
     train = [r for r in results if r["kind"].endswith("_train")]
     assert all(r["params_m"] > 0 and r["gflop_per_item"] > 0 for r in train)
     assert "speedup_vs_eager" in train[1]
+    # the VAE rows: matched to MONAI (decoder blocks = encoder blocks, unconditional) and as shipped
+    matched, shipped = train[0], train[2]
+    assert shipped["variant"] == "LDM decoder + z"
+    assert shipped["params_m"] > matched["params_m"] and shipped["gflop_per_item"] > matched["gflop_per_item"]
+    assert "1 block(s)/level; unconditional" in matched["notes"][-1]
+    assert "2 block(s)/level; z-conditioned" in shipped["notes"][-1]
     data_row = results[-1]
     assert data_row["kind"] == "data" and data_row["ratio"] > 0
 

@@ -145,6 +145,20 @@ def test_every_resblock_receives_condition():
     assert model.z_embed.null is not None  # one shared embedding with a null token for index -1
 
 
+@pytest.mark.parametrize("cls", [VAE, VQVAE])
+def test_decoder_extra_block_is_optional(cls):
+    def blocks_per_level(model):
+        return [sum(m.__class__.__name__ == "ResBlock" for m in level) for level in model.decoder.levels]
+
+    ldm, matched = tiny(cls, num_res_blocks=2), tiny(cls, num_res_blocks=2, decoder_extra_block=False)
+    assert blocks_per_level(ldm) == [3, 3] and blocks_per_level(matched) == [2, 2]
+    assert sum(p.numel() for p in matched.encoder.parameters()) == sum(p.numel() for p in ldm.encoder.parameters())
+    rebuilt = build_autoencoder(cls.kind, matched.config)
+    assert rebuilt.config["decoder_extra_block"] is False and blocks_per_level(rebuilt) == [2, 2]
+    x = torch.randn(2, 1, 32, 32)
+    assert matched(x)["recon"].shape == x.shape
+
+
 # ----------------------------------------------------------------------------------------------
 # VQ-VAE model
 

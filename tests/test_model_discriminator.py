@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model_discriminator as md  # noqa: E402
 from model_discriminator import (  # noqa: E402
-    MSSSIMLoss, PatchDiscriminator, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
+    MSSSIMLoss, PatchDiscriminator, SSIMLoss, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
     generator_loss, hinge_d_loss, nonsaturating_d_loss)
 from util import UserError, ms_ssim  # noqa: E402
 
@@ -167,6 +167,21 @@ def test_msssim_loss_zero_for_identical_and_positive_otherwise():
     different = loss(x, noisy)
     assert (different > 0.01).all()
     torch.testing.assert_close(different, 1 - ms_ssim(x, noisy))
+
+
+def test_ssim_loss_is_one_minus_skimage_ssim_per_sample():
+    from skimage.metrics import structural_similarity
+
+    loss, description = build_perceptual_loss("ssim")
+    assert isinstance(loss, SSIMLoss) and "SSIM" in description and "MS-SSIM" not in description
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 1, 40, 40, generator=gen) * 2 - 1
+    y = (x + 0.4 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    expected = [1 - structural_similarity(a[0].double().numpy(), b[0].double().numpy(), gaussian_weights=True,
+                                          sigma=1.5, use_sample_covariance=False, data_range=2.0)
+                for a, b in zip(y, x)]
+    torch.testing.assert_close(loss(y, x).double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss(x, x.clone()), torch.zeros(3), atol=1e-5, rtol=0)
 
 
 def test_none_and_unknown_kinds():

@@ -94,6 +94,16 @@ def test_dry_run_prints_resolved_config(capsys, tiny_data):
     assert "preset: smoke" in out and "n_embed" in out and " 64" in out
 
 
+def test_decoder_extra_block_flag_reaches_the_checkpoint(tmp_path, tiny_data):
+    out = tmp_path / "matched"
+    _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 1, "--val-every", 1,
+         "--no-decoder-extra-block")
+    ckpt = util.load_checkpoint(out / "last.pt", kind="stage1")
+    assert ckpt["config"]["decoder_extra_block"] is False and ckpt["model_config"]["decoder_extra_block"] is False
+    model, _ = util.load_autoencoder(out / "last.pt", torch.device("cpu"))
+    assert [sum(m.__class__.__name__ == "ResBlock" for m in lv) for lv in model.decoder.levels] == [1, 1]
+
+
 def test_bad_inputs_give_one_line(tmp_path, tiny_data, vae_run):
     with pytest.raises(UserError, match="no such"):
         _run("--preset", "smoke", "--data", tmp_path / "missing", "--out", tmp_path / "x")
