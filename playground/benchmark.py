@@ -11,7 +11,9 @@ What is timed (each configuration in its own subprocess, for a clean peak memory
 4. our data path: slices/s that the in-memory loader delivers (`dataset.load_split(...).tensors()`, a random
    batch by `index_select`, `dataset.to_float`) next to the slices/s that a stage-one training step consumes.
 
-Warm-up iterations are excluded; each number is the median of `--repeats` timed repeats. Peak memory is the
+Warm-up iterations are excluded; each number is the median of `--repeats` timed repeats (and, with
+`--rounds N`, of N passes over all configurations in turn, so that drift in the machine's speed is shared by
+the implementations compared). Peak memory is the
 growth of the subprocess's max RSS over its baseline after imports (CPU; tracemalloc does not see torch's
 allocator) or `torch.cuda.max_memory_allocated` (CUDA). GFLOP/item is counted once per model with
 `torch.utils.flop_counter` (attention through the math kernel, which the counter can see), so that a
@@ -28,6 +30,7 @@ optionally).
 Commands (from the repo root):
     python playground/benchmark.py                                   # full run, all cores, ~5 min on 2 cores
     python playground/benchmark.py --monai-path /tmp/monai_site --out bench.json --channels-last --compile
+    python playground/benchmark.py --monai-path /tmp/monai_site --only vae,unet --rounds 3   # ratios for the README
     python playground/benchmark.py --quick --threads 1               # tiny configs in seconds (the test's mode)
 """
 import argparse
@@ -85,6 +88,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration; the median is "
                                                             "reported (default 3, quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up iterations (default 2, quick 1)")
+    p.add_argument("--rounds", type=int, default=1, help="run the whole list of configurations this many times, "
+                                                         "in turn, and keep each one's median round (the "
+                                                         "machine's speed drifts; alternating rounds share it)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models run")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument("--monai-path", default=None, help="folder holding the monai package (prepended to sys.path)")
@@ -103,6 +109,8 @@ def parse_args(argv):
         p.error(f"--threads {args.threads}: must be >= 1")
     if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats {args.repeats}: must be >= 1")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup {args.warmup}: must be >= 0")
     return args
@@ -221,18 +229,22 @@ def main(argv=None):
     print(f"benchmark: {len(jobs)} configurations, {threads} thread(s), device {args.device}, "
           f"{'quick' if args.quick else 'full'} mode; load average before: {_fmt_load(load_before)}", flush=True)
     env = worker_env(threads)
-    results = []
-    for job in jobs:
-        res = run_worker(job, args, env, monai_path)
-        results.append(res)
-        status = f"error: {res['error']}" if "error" in res else (
-            f"{res['items_per_s']:.3g} {res['unit']}/s")
-        busy = f", other processes {res['other_cores']:.2f} cores" if res.get("other_cores") else ""
-        print(f"  {_label(res):<44s} {status}  ({res.get('wall_s', 0):.0f} s{busy})", flush=True)
-        if monai_path is not None and res.get("impl") == "monai" and "error" in res and "import" in res["error"]:
-            print(f"MONAI not usable: {res['error']}", flush=True)
-        if args.out:  # partial results survive an interrupted run
-            write_json(args.out, dict(meta=dict(partial=True, command=_command(argv)), results=results))
+    rounds = [[] for _ in jobs]
+    for r in range(args.rounds):
+        for job, runs in zip(jobs, rounds):
+            res = run_worker(job, args, env, monai_path)
+            runs.append(res)
+            status = f"error: {res['error']}" if "error" in res else (
+                f"{res['items_per_s']:.3g} {res['unit']}/s")
+            busy = f", other processes {res['other_cores']:.2f} cores" if res.get("other_cores") else ""
+            where = f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""
+            print(f"  {where}{_label(res):<44s} {status}  ({res.get('wall_s', 0):.0f} s{busy})", flush=True)
+            if monai_path is not None and res.get("impl") == "monai" and "error" in res and "import" in res["error"]:
+                print(f"MONAI not usable: {res['error']}", flush=True)
+            if args.out:  # partial results survive an interrupted run
+                write_json(args.out, dict(meta=dict(partial=True, command=_command(argv)),
+                                          results=[x for runs in rounds for x in runs]))
+    results = [median_round(runs) for runs in rounds]
     add_ratios(results)
     load_after = _loadavg()
     meta = dict(command=_command(argv),
@@ -260,6 +272,20 @@ def main(argv=None):
     if args.out:
         print(f"wrote {write_json(args.out, dict(meta=meta, results=results))}")
     return 1 if all("error" in r for r in results) and results else 0
+
+
+def median_round(runs):
+    """The run with the median items/s of one configuration's rounds (the lower middle for an even count),
+    with every round's items/s kept under 'rounds'; a configuration that failed in every round stays an error."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["items_per_s"])
+    if not ok:
+        return runs[-1]
+    pick = dict(ok[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        pick["rounds"] = [r.get("items_per_s") for r in runs]
+        rates = " ".join(f"{r['items_per_s']:.3g}" for r in ok)
+        pick["notes"] = [f"median of {len(ok)} rounds ({rates})", *pick.get("notes", [])]
+    return pick
 
 
 def _command(argv):

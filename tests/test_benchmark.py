@@ -90,5 +90,30 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path):
 def test_bad_arguments_fail_without_running_anything(tmp_path):
     proc = run(["--quick", "--threads", "0"], timeout=60)
     assert proc.returncode == 2 and "--threads 0" in proc.stderr
+    proc = run(["--quick", "--rounds", "0"], timeout=60)
+    assert proc.returncode == 2 and "--rounds 0" in proc.stderr
     proc = run(["--quick", "--only", "vae,nonsense"], timeout=60)
     assert proc.returncode != 0 and "nonsense" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_rounds_keep_each_configurations_median_round(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run(["--quick", "--threads", "1", "--no-monai", "--only", "data", "--rounds", 3, "--out", out])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sum("round " in line and "data ours" in line for line in proc.stdout.splitlines()) == 3
+    (row,) = json.loads(out.read_text())["results"]
+    assert len(row["rounds"]) == 3 and row["items_per_s"] == sorted(row["rounds"])[1]
+    assert row["notes"][0].startswith("median of 3 rounds (")
+
+
+def test_median_round_picks_the_lower_middle_and_survives_errors():
+    sys.path.insert(0, str(ROOT / "playground"))
+    import benchmark
+
+    runs = [dict(items_per_s=5.0), dict(error="worker exit 1"), dict(items_per_s=9.0), dict(items_per_s=7.0),
+            dict(items_per_s=1.0)]
+    pick = benchmark.median_round(runs)
+    assert pick["items_per_s"] == 5.0 and pick["rounds"] == [5.0, None, 9.0, 7.0, 1.0]
+    assert pick["notes"] == ["median of 4 rounds (1 5 7 9)"]
+    assert benchmark.median_round([dict(error="a"), dict(error="b")]) == dict(error="b")
+    assert benchmark.median_round([dict(items_per_s=2.0, notes=["x"])]) == dict(items_per_s=2.0, notes=["x"])
