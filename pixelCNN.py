@@ -347,7 +347,7 @@ PRESETS = {
     "full": dict(lr_schedule="cosine", hidden=192, n_layers=15, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=64, lr=3e-4,
                  warmup=1000, steps=100000, log_every=100, val_every=5000, ckpt_every=5000, sample_every=1, seed=0),
     "demo": dict(lr_schedule="cosine", hidden=64, n_layers=8, kernel_size=5, dropout=0.0, p_uncond=0.1, batch_size=32, lr=1e-3,
-                 warmup=50, steps=500, log_every=25, val_every=250, ckpt_every=250, sample_every=1, seed=0),
+                 warmup=50, steps=400, log_every=25, val_every=200, ckpt_every=200, sample_every=1, seed=0),
     "smoke": dict(lr_schedule="cosine", hidden=16, n_layers=3, kernel_size=3, dropout=0.0, p_uncond=0.1, batch_size=8, lr=1e-3,
                   warmup=2, steps=6, log_every=2, val_every=3, ckpt_every=3, sample_every=1, seed=0),
 }
