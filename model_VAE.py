@@ -120,8 +120,9 @@ class Decoder(nn.Module):
 
     def forward(self, latent, cond=None):
         h = _run_blocks(self.mid, self.conv_in(latent), cond)
-        if h.device.type == "cpu":
-            # oneDNN runs these 3x3 convolutions faster channels-last (measured: README, Performance)
+        if h.device.type == "cpu" and h.shape[1] >= 128:
+            # oneDNN's 3x3 convolutions at >= 128 channels run faster channels-last, at 16-64 channels
+            # (the demo model) slower; both measured (README, Performance)
             h = h.contiguous(memory_format=torch.channels_last)
         for blocks, up in zip(self.levels, self.upsamples):
             h = up(_run_blocks(blocks, h, cond))

@@ -159,6 +159,31 @@ def test_decoder_extra_block_is_optional(cls):
     assert matched(x)["recon"].shape == x.shape
 
 
+@pytest.mark.parametrize("ch,channels_last", [(64, True), (8, False)])
+def test_decoder_runs_channels_last_on_cpu_when_wide_with_unchanged_values(ch, channels_last):
+    model = tiny(VAE, conditional=True, ch=ch).eval()  # decoder features 2 * ch wide after the mid block
+    dec = model.decoder
+    latent, z = torch.randn(3, 4, 16, 16), torch.tensor([0, 9, 31])
+    cond = model.condition(z, 3, latent.device)
+    layouts = []
+    hook = dec.levels[0][0].register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        out = dec(latent, cond)
+        # the same layers applied by hand on plain contiguous (NCHW) tensors
+        h = dec.mid[0](dec.conv_in(latent), cond)
+        for layer in dec.mid[1:]:
+            h = layer(h, cond)
+        for blocks, up in zip(dec.levels, dec.upsamples):
+            for block in blocks:
+                h = block(h.contiguous(), cond)
+            h = up(h)
+        ref = dec.conv_out(torch.nn.functional.silu(dec.norm_out(h.contiguous())))
+    hook.remove()
+    assert layouts == [channels_last, False]  # the decoder's first level, then the plain-layout reference
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # VQ-VAE model
 
