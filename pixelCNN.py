@@ -495,7 +495,8 @@ def guidance_for(args, config):
     --p-uncond > 0 (else the null-condition logits it mixes in were never learned)."""
     if args.guidance != 1.0 and not (config["conditional"] and config.get("p_uncond", 0) > 0):
         raise UserError(f"--guidance {args.guidance}: this prior was trained without condition dropout "
-                        f"(conditional={config['conditional']}, p_uncond={config.get('p_uncond', 0)}); use --guidance 1")
+                        f"(conditional={config['conditional']}, p_uncond={config.get('p_uncond', 0)}); "
+                        f"use --guidance 1")
     return args.guidance
 
 
@@ -546,7 +547,8 @@ def evaluate_cmd(args):
     images, seconds = generate(model, ae, ckpt, z, device, args.temperature, args.seed, args.batch_size,
                                guidance_for(args, config))
     metrics = evaluation.evaluate_samples(images, z, config["data"])
-    metrics.update(sampler="pixelcnn", temperature=args.temperature, guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
+    metrics.update(sampler="pixelcnn", temperature=args.temperature, guidance=args.guidance,
+                   ms_per_image=seconds / len(images) * 1000)
     evaluation.report(metrics, args.out)
     return 0
 
@@ -572,7 +574,8 @@ def parse_args(argv):
         s.add_argument("--ae", default=None, help="override the VQ-VAE checkpoint recorded in --ckpt")
         s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")
         s.add_argument("--guidance", type=float, default=1.0,
-                       help="classifier-free guidance scale on the logits (1: conditional only; >1 follows z more closely, twice the cost)")
+                       help="classifier-free guidance scale on the logits (1: conditional only; above 1 follows "
+                            "z more closely, at twice the cost)")
         s.add_argument("--seed", type=int, default=0, help="sampling seed")
         s.add_argument("--batch-size", type=int, default=64, help="grids sampled at once")
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -229,21 +229,7 @@ def main(argv=None):
     print(f"benchmark: {len(jobs)} configurations, {threads} thread(s), device {args.device}, "
           f"{'quick' if args.quick else 'full'} mode; load average before: {_fmt_load(load_before)}", flush=True)
     env = worker_env(threads)
-    rounds = [[] for _ in jobs]
-    for r in range(args.rounds):
-        for job, runs in zip(jobs, rounds):
-            res = run_worker(job, args, env, monai_path)
-            runs.append(res)
-            status = f"error: {res['error']}" if "error" in res else (
-                f"{res['items_per_s']:.3g} {res['unit']}/s")
-            busy = f", other processes {res['other_cores']:.2f} cores" if res.get("other_cores") else ""
-            where = f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""
-            print(f"  {where}{_label(res):<44s} {status}  ({res.get('wall_s', 0):.0f} s{busy})", flush=True)
-            if monai_path is not None and res.get("impl") == "monai" and "error" in res and "import" in res["error"]:
-                print(f"MONAI not usable: {res['error']}", flush=True)
-            if args.out:  # partial results survive an interrupted run
-                write_json(args.out, dict(meta=dict(partial=True, command=_command(argv)),
-                                          results=[x for runs in rounds for x in runs]))
+    rounds = run_rounds(jobs, args, env, monai_path, argv)
     results = [median_round(runs) for runs in rounds]
     add_ratios(results)
     load_after = _loadavg()
@@ -272,6 +258,25 @@ def main(argv=None):
     if args.out:
         print(f"wrote {write_json(args.out, dict(meta=meta, results=results))}")
     return 1 if all("error" in r for r in results) and results else 0
+
+
+def run_rounds(jobs, args, env, monai_path, argv):
+    """Run every job `--rounds` times, the whole list in turn each round; per job, the list of its runs."""
+    rounds = [[] for _ in jobs]
+    for r in range(args.rounds):
+        for job, runs in zip(jobs, rounds):
+            res = run_worker(job, args, env, monai_path)
+            runs.append(res)
+            status = f"error: {res['error']}" if "error" in res else f"{res['items_per_s']:.3g} {res['unit']}/s"
+            busy = f", other processes {res['other_cores']:.2f} cores" if res.get("other_cores") else ""
+            where = f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""
+            print(f"  {where}{_label(res):<44s} {status}  ({res.get('wall_s', 0):.0f} s{busy})", flush=True)
+            if monai_path is not None and res.get("impl") == "monai" and "error" in res and "import" in res["error"]:
+                print(f"MONAI not usable: {res['error']}", flush=True)
+            if args.out:  # partial results survive an interrupted run
+                write_json(args.out, dict(meta=dict(partial=True, command=_command(argv)),
+                                          results=[x for done in rounds for x in done]))
+    return rounds
 
 
 def median_round(runs):
@@ -576,9 +581,19 @@ def _layout(x, job):
     return x.contiguous(memory_format=torch.channels_last) if job.get("channels_last") else x
 
 
-def _train_result(job, model, step, batch, unit, gflop_fn, device):
-    """Time `step` (one optimiser step on a batch) and collect the common fields."""
-    gflop = count_gflop(gflop_fn, 1) if gflop_fn is not None else None
+def _train_result(job, model, loss_of, opt, batch, unit, device):
+    """Time one optimiser step on `loss_of(batch)` and collect the common fields (GFLOP/item from the
+    backward of `loss_of(n)`, except under torch.compile, which the counter cannot see through)."""
+    def step(n=batch):
+        opt.zero_grad(set_to_none=True)
+        loss_of(n).backward()
+        opt.step()
+
+    def flops(n):
+        loss_of(n).backward()
+        opt.zero_grad(set_to_none=True)
+
+    gflop = None if job.get("compile") else count_gflop(flops, 1)
     median, times, first = timed(step, device, max(job["warmup"], 1 if job.get("compile") else 0), job["repeats"])
     res = dict(params_m=count_params(model), gflop_per_item=gflop, batch=batch, unit=unit,
                items_per_s=batch / median, seconds_per_step=median, times=times,
@@ -629,17 +644,8 @@ def bench_vae_train(job, cfg, device, meter):
                 kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2 * torch.log(sigma) - 1).flatten(1).sum(1)
         return (recon.float() - x).abs().mean() + c["kl_weight"] * kl.float().mean()
 
-    def step(n=b):
-        opt.zero_grad(set_to_none=True)
-        loss_of(n).backward()
-        opt.step()
-
-    def flops(n):
-        loss_of(n).backward()
-        opt.zero_grad(set_to_none=True)
-
     meter.reset()  # baseline after building: peak = activations + grads + Adam state
-    res = _train_result(job, model, step, b, "slices", None if job.get("compile") else flops, device)
+    res = _train_result(job, model, loss_of, opt, b, "slices", device)
     res["config"] = (f"{s}x{s}x1, ch {c['ch']} x {c['ch_mult']}, {c['num_res_blocks']} res block(s), "
                      f"attn {c['attn_resolutions'] or 'mid only'}, z {c['z_channels']}")
     blocks = c["num_res_blocks"] + int(job["impl"] == "ours" and model.config["decoder_extra_block"])
@@ -705,17 +711,8 @@ def bench_unet_train(job, cfg, device, meter):
 
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"])
 
-    def step(n=b):
-        opt.zero_grad(set_to_none=True)
-        loss_of(n).backward()
-        opt.step()
-
-    def flops(n):
-        loss_of(n).backward()
-        opt.zero_grad(set_to_none=True)
-
     meter.reset()
-    res = _train_result(job, model, step, b, "latents", None if job.get("compile") else flops, device)
+    res = _train_result(job, model, loss_of, opt, b, "latents", device)
     res["config"] = (f"{'x'.join(map(str, c['latent']))} latents, ch {c['model_channels']} x {c['channel_mult']}, "
                      f"{c['num_res_blocks']} res block(s), attn at {c['attn_resolutions']}, {c['heads']} heads")
     res["notes"].append("z-conditioned (MONAI: class embedding)" if c["conditional"] else "unconditional")

@@ -61,6 +61,28 @@ def run_user_cli(*argv):
                           timeout=300, env=env)
 
 
+def assert_one_line_errors(script, cases):
+    """Each (argv, message): `python script *argv` exits 1 with one 'error:' line holding message, no traceback."""
+    for argv, message in cases:
+        proc = run_user_cli(script, *argv)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def ddp_smoke_train(script, ae, out, kind):
+    """`torchrun --nproc_per_node=2 script train` (gloo, smoke preset, CADENCE) that must finish on rank 0
+    alone at step 6; returns the run's log records."""
+    import util
+
+    proc = run_user_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                        script, "train", "--ae", ae, "--preset", "smoke", "--out", out, "--device", "cpu", *CADENCE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distributed: 2 processes, backend gloo" in proc.stdout and proc.stdout.count("done:") == 1
+    assert util.load_checkpoint(out / "last.pt", kind=kind)["step"] == 6
+    return util.read_jsonl(out / "log.jsonl")
+
+
 def free_port():
     """A free TCP port on localhost for a torchrun rendezvous."""
     with socket.socket() as s:

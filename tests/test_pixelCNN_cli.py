@@ -21,8 +21,8 @@ import prestage_train
 import util
 from util import UserError
 
-from conftest import CADENCE, free_port as _free_port, grid_size as _grid_size  # noqa: E402
-from conftest import run_user_cli as _cli  # noqa: E402
+from conftest import CADENCE, grid_size as _grid_size  # noqa: E402
+from conftest import assert_one_line_errors, ddp_smoke_train  # noqa: E402
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,11 +266,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, pcnn_run):
         (["train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", tmp_path / "x"], "needs a VQ-VAE"),
         (["sample", "--ckpt", pcnn_run / "best.pt", "--z", "0..40", "--out", tmp_path / "s.png"], "must lie in 0..31"),
     ]
-    for argv, message in cases:
-        proc = _cli("pixelCNN.py", *argv)
-        assert proc.returncode == 1, proc.stderr[-2000:]
-        assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert_one_line_errors("pixelCNN.py", cases)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,13 +275,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, pcnn_run):
 
 @pytest.mark.ddp
 def test_ddp_two_processes_gloo(tmp_path, vqvae_run):
-    out = tmp_path / "ddp"
-    proc = _cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "pixelCNN.py", "train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--out", out,
-                "--device", "cpu", *CADENCE)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "distributed: 2 processes, backend gloo" in proc.stdout and proc.stdout.count("done:") == 1
-    assert util.load_checkpoint(out / "last.pt", kind="pixelcnn")["step"] == 6
-    records = util.read_jsonl(out / "log.jsonl")
+    records = ddp_smoke_train("pixelCNN.py", vqvae_run / "best.pt", tmp_path / "ddp", "pixelcnn")
     assert [r["step"] for r in records if "loss/ce" in r] == [2, 4, 6]  # rank 0 logs alone, once per step
     assert [r["step"] for r in records if "val/bits_per_code" in r] == [3, 6]

@@ -20,8 +20,8 @@ import util
 from model_diffusion import sample as diffusion_sample
 from util import UserError
 
-from conftest import CADENCE, free_port as _free_port, grid_size as _grid_size  # noqa: E402
-from conftest import run_user_cli as _cli  # noqa: E402
+from conftest import CADENCE, grid_size as _grid_size  # noqa: E402
+from conftest import assert_one_line_errors, ddp_smoke_train  # noqa: E402
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -307,11 +307,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, ldm_vae):
         (["sample", "--ckpt", vae_run / "best.pt", "--out", tmp_path / "s.png"], "expected diffusion"),
         (["sample", "--ckpt", ldm_vae / "best.pt", "--z", "0..40", "--out", tmp_path / "s.png"], "must lie in 0..31"),
     ]
-    for argv, message in cases:
-        proc = _cli("stable_diffusion.py", *argv)
-        assert proc.returncode == 1, proc.stderr[-2000:]
-        assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert_one_line_errors("stable_diffusion.py", cases)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,14 +316,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, ldm_vae):
 
 @pytest.mark.ddp
 def test_ddp_two_processes_gloo(tmp_path, vae_run):
-    out = tmp_path / "ddp"
-    proc = _cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "stable_diffusion.py", "train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", out,
-                "--device", "cpu", *CADENCE)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "distributed: 2 processes, backend gloo" in proc.stdout and proc.stdout.count("done:") == 1
-    assert util.load_checkpoint(out / "last.pt", kind="diffusion")["step"] == 6
-    records = util.read_jsonl(out / "log.jsonl")
+    records = ddp_smoke_train("stable_diffusion.py", vae_run / "best.pt", tmp_path / "ddp", "diffusion")
     assert [r["step"] for r in records if "loss/diffusion" in r] == [2, 4, 6]  # rank 0 logs alone, once per step
     assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
     rates = [r["latents_per_s"] for r in records if "latents_per_s" in r]
