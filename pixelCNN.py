@@ -476,7 +476,7 @@ def load_prior(path, device, ae_override=None):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config ({str(err).splitlines()[0][:160]})") from None
-    ae, ae_ckpt = load_vqvae(ae_override or ckpt["ae_path"], device, "--ae" if ae_override else f"stage-one checkpoint of {ckpt['_path']}")
+    ae, ae_ckpt = load_vqvae(ae_override or ckpt["ae_path"], device, "--ae" if ae_override else util.recorded_ae_flag(ckpt))
     if util.file_sha256(ae_ckpt["_path"]) != ckpt["ae_sha256"]:
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
     return model.to(device).eval(), ae, ckpt

@@ -205,7 +205,7 @@ def load_diffusion(path, device, ae_override=None):
     except RuntimeError as err:
         raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config ({str(err).splitlines()[0][:160]})") from None
     ae_path = ae_override or ckpt["ae_path"]
-    ae, ae_ckpt = util.load_autoencoder(ae_path, device, flag="--ae" if ae_override else f"stage-one checkpoint of {ckpt['_path']}")
+    ae, ae_ckpt = util.load_autoencoder(ae_path, device, flag="--ae" if ae_override else util.recorded_ae_flag(ckpt))
     if util.file_sha256(ae_ckpt["_path"]) != ckpt["ae_sha256"]:
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this model was trained on (hash differs)")
     schedule = NoiseSchedule(config["schedule"], config["timesteps"]).to(device)

@@ -416,6 +416,12 @@ def psnr(x, y, data_range=2.0):
 # pixelCNN.py)
 
 
+def recorded_ae_flag(ckpt):
+    """How an error names the stage-one path a stage-two checkpoint recorded (relative to where it was
+    trained): points the user at --ae, which overrides it."""
+    return f"--ae not given, and the stage-one checkpoint recorded in {ckpt['_path']},"
+
+
 def load_autoencoder(path, device, flag="--ae"):
     """Rebuild a frozen stage-one model from its checkpoint; returns (model, checkpoint dict)."""
     from model_VAE import build_autoencoder  # lazy: util stays importable without the models

@@ -240,6 +240,17 @@ def test_bad_inputs_give_one_clear_line(tmp_path, vqvae_run, vae_run, pcnn_run):
     assert not (tmp_path / "s.png").exists()
 
 
+def test_moved_stage_one_checkpoint_points_at_ae(tmp_path, pcnn_run, vqvae_run):
+    ckpt = util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")
+    ckpt["ae_path"] = str(tmp_path / "moved" / "best.pt")
+    moved = util.save_checkpoint({k: v for k, v in ckpt.items() if not k.startswith("_")}, tmp_path / "prior.pt")
+    with pytest.raises(UserError, match=r"--ae not given, and the stage-one checkpoint recorded in \S+prior.pt, "
+                                        r"\S+moved/best.pt: no such checkpoint file"):
+        _pc("sample", "--ckpt", moved, "--out", tmp_path / "s.png")
+    _pc("sample", "--ckpt", moved, "--ae", vqvae_run / "best.pt", "--n", 1, "--z", "3", "--out", tmp_path / "s.png")
+    assert (tmp_path / "s.png").exists()  # --ae overrides the recorded path
+
+
 def test_existing_run_is_refused_before_its_codes_are_touched(tmp_path, pcnn_run, tiny_data):
     run = tmp_path / "run"
     shutil.copytree(pcnn_run, run)
