@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from util import UserError, run_cli
+from util import UserError, run_cli, to_float
 
 SPLITS = ("train", "validate", "test")
 SIZES = (32, 64, 128, 256)
@@ -117,11 +117,6 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         """(float [1, S, S] in [-1, 1], int z) of slice i."""
         return to_float(self.images[i]), int(self.z[i])
-
-
-def to_float(images_uint8):
-    """uint8 tensor -> float32 in [-1, 1] (x / 127.5 - 1), on the tensor's device."""
-    return images_uint8.to(torch.float32, copy=True).div_(127.5).sub_(1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Sample-quality metrics for generated slices, each reported beside the value that real slices get.
+"""Every measurement of the project: reconstruction metrics and codebook statistics of stage one, and the
+sample-quality metrics of stage two, each reported beside the value that real slices get.
+
+`reconstruction_metrics(model, images_u8, z, device)` (stage one's validation, `prestage_train.py
+--eval-only` and the playground): SSIM, MS-SSIM and PSNR of deterministic reconstructions, and for a
+VQ-VAE the fraction of codes used and the code perplexity over the whole split.
 
 `evaluate_samples(images, z, data_path)` (called by `stable_diffusion.py evaluate` and
 `pixelCNN.py evaluate`) returns a flat dict of floats:
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 
 import dataset
 import util
+from model_VAE import code_statistics
 from util import UserError
 
 CACHE_DIR = Path(__file__).resolve().parent / "runs" / "_cache"
@@ -43,6 +49,42 @@ ZREG_VERSION = 2
 SWD_PATCH = 7  # neighbourhood size of the SWD descriptors (Karras et al.)
 SWD_MIN_RES = 16  # coarsest pyramid level
 NN_MAX_RES = 64  # nearest-neighbour search runs at most at 64x64 (area-downsampled)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage one: reconstructions and codebook statistics
+
+
+def reconstruct(model, images_u8, z, device):
+    """Deterministic reconstructions in [-1, 1] (posterior mean / nearest codes) of uint8 slices, on the CPU."""
+    return util.map_batches(lambda x, zz: model.reconstruct(util.to_float(x), zz).float().clamp(-1, 1),
+                            (images_u8, z), device)
+
+
+def code_counts(model, images_u8, z, device):
+    """How often each VQ code occurs over every latent position of the slices, float [n_embed]."""
+    indices = util.map_batches(lambda x, zz: model.encode_indices(util.to_float(x), zz), (images_u8, z), device)
+    return torch.bincount(indices.flatten(), minlength=model.n_embed).float()
+
+
+def codebook_usage(counts, prefix="val"):
+    """Fraction of codes used and code perplexity exp(H) of a code-count histogram."""
+    stats = code_statistics(counts)
+    return {f"{prefix}/codebook_usage": stats["usage"].item(), f"{prefix}/perplexity": stats["perplexity"].item()}
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, images_u8, z, device, max_n=None, prefix="val"):
+    """SSIM, MS-SSIM and PSNR of reconstructions of the first `max_n` slices (None or 0: all), plus codebook
+    usage and perplexity for a VQ-VAE."""
+    n = min(len(images_u8), max_n or len(images_u8))
+    images_u8, z = images_u8[:n], z[:n]
+    recon, x = reconstruct(model, images_u8, z, device), util.to_float(images_u8)
+    metrics = {f"{prefix}/ssim": util.ssim(recon, x).mean().item(), f"{prefix}/psnr": util.psnr(recon, x).mean().item(),
+               f"{prefix}/ms_ssim": util.ms_ssim(recon, x).mean().item()}
+    if model.kind == "vqvae":
+        metrics.update(codebook_usage(code_counts(model, images_u8, z, device), prefix))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +267,7 @@ def _nn_resolution(images):
 
 def _as_float(images):
     """uint8 images -> float in [-1, 1]; float images unchanged (as float32)."""
-    return dataset.to_float(images) if images.dtype == torch.uint8 else images.float()
+    return util.to_float(images) if images.dtype == torch.uint8 else images.float()
 
 
 @torch.no_grad()
@@ -515,9 +557,9 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
     val_u8, val_z = val.tensors()
     rng = np.random.default_rng(seed)
     ref = _pick(len(val_u8), n_real, rng)
-    val_f, val_z = dataset.to_float(val_u8[ref]), val_z[ref]
+    val_f, val_z = util.to_float(val_u8[ref]), val_z[ref]
     matched = _matched_train(train_z.numpy(), z.numpy(), rng)
-    train_f = dataset.to_float(train_u8[matched])
+    train_f = util.to_float(train_u8[matched])
     timings = {}
     metrics = {"n_samples": len(images), "n_real_validate": len(val_f), "size": size, "data": str(root)}
 
@@ -595,7 +637,7 @@ def main(argv=None):
     test = dataset.load_split(root, "test", size=args.size)
     images, z = test.tensors()
     pick = _pick(len(images), args.n, np.random.default_rng(args.seed + 1))
-    metrics = evaluate_samples(dataset.to_float(images[pick]), z[pick], root, seed=args.seed)
+    metrics = evaluate_samples(util.to_float(images[pick]), z[pick], root, seed=args.seed)
     metrics["samples"] = f"{len(pick)} real test slices"
     report(metrics, args.out)
     return 0

@@ -273,6 +273,10 @@ class VAE(_Autoencoder):
         """The latent that stage two models: the posterior mean."""
         return self.encode(x, z).mode()
 
+    def reconstruct(self, x, z=None):
+        """Deterministic reconstruction: the decoded posterior mean."""
+        return self.decode(self.encode(x, z).mode(), z)
+
 
 # ----------------------------------------------------------------------------------------------
 # Vector quantisation
@@ -451,6 +455,10 @@ class VQVAE(_Autoencoder):
     def encode_indices(self, x, z=None):
         """Code indices [B, h, w] (the PixelCNN's data)."""
         return self.encode(x, z)[1]
+
+    def reconstruct(self, x, z=None):
+        """Deterministic reconstruction: the decoded nearest codes."""
+        return self(x, z)["recon"]
 
     def quantize_latent(self, latent):
         """Snap continuous latents [B, embed_dim, h, w] (e.g. diffusion samples) to their nearest codes."""

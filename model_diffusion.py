@@ -298,15 +298,26 @@ def guided(model, guidance=1.0, objective="eps", schedule=None):
 
     def eps_fn(x_t, t, z):
         """Guided eps prediction at (x_t, t) for condition z."""
-        if guidance == 1.0 or z is None or not conditional or bool((z < 0).all()):
-            out = model(x_t, t, z)
-        else:
-            both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, torch.full_like(z, -1)]))
-            cond, uncond = both.float().chunk(2)  # combine in float32 even under autocast
-            out = uncond + guidance * (cond - uncond)
+        out = _guided_output(model, conditional, guidance, x_t, t, z)
         return out if objective == "eps" else schedule.predict_eps_from_v(x_t, t, out)
 
+    if objective == "v":
+        def eps_and_x0(x_t, t, z):
+            """(eps, x0) from v directly: x0 = alpha x_t - sigma v. Through eps and x0 = (x_t - sigma eps) / alpha
+            instead, alpha ~ 5e-5 near t = T would amplify float32 rounding ~2e4 times."""
+            return schedule.eps_and_x0(x_t, t, _guided_output(model, conditional, guidance, x_t, t, z).float(), "v")
+
+        eps_fn.eps_and_x0 = eps_and_x0  # `_predict` prefers it over eps_fn
     return eps_fn
+
+
+def _guided_output(model, conditional, guidance, x_t, t, z):
+    """The model's raw output (eps or v) with classifier-free guidance u + g (c - u) applied."""
+    if guidance == 1.0 or z is None or not conditional or bool((z < 0).all()):
+        return model(x_t, t, z)
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, torch.full_like(z, -1)]))
+    cond, uncond = both.float().chunk(2)  # combine in float32 even under autocast
+    return uncond + guidance * (cond - uncond)
 
 
 def sampling_timesteps(schedule, steps, spacing="time"):
@@ -348,8 +359,11 @@ def _start(shape, z, generator, x_init, device):
 def _predict(eps_fn, schedule, x, t, z, clip_x0):
     """eps and x0 predictions at integer step t; x0 optionally clamped to +-clip_x0 (eps made to match)."""
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    eps = eps_fn(x, tt, z).float()
-    x0 = schedule.predict_x0_from_eps(x, tt, eps)
+    if hasattr(eps_fn, "eps_and_x0"):  # `guided` on a v model: x0 in the model's own parameterisation
+        eps, x0 = eps_fn.eps_and_x0(x, tt, z)
+    else:
+        eps = eps_fn(x, tt, z).float()
+        x0 = schedule.predict_x0_from_eps(x, tt, eps)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = schedule.predict_eps_from_x0(x, tt, x0)

@@ -11,7 +11,11 @@ A script describes *what* one step does in a `Task` (models, optimisers, `train_
 - a guard that stops on a non-finite loss, naming the step and the term, without saving it;
 - SIGTERM / SIGINT: finish the current step, save `last.pt`, exit with a message (code 143 / 130);
 - logging: tqdm bar with live losses, `log.jsonl` (step, epoch, every loss/weight, lr, items/s);
-- torchrun: DistributedDataParallel via `Trainer.wrap`, rank 0 logs, validates and saves.
+- the step boilerplate: the learning rate of every optimiser set before each `train_step`, and the trained
+  models wrapped once (`Trainer.wrap`: DistributedDataParallel under torchrun, torch.compile with --compile),
+  so a `train_step` holds only the mathematics of its step;
+- torchrun: rank 0 logs, validates and saves; each rank draws its own noise from a stream derived from
+  (seed, rank), and every rank's RNG state is saved in last.pt, so a resumed DDP run continues exactly.
 """
 import argparse
 import json
@@ -20,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,30 +40,104 @@ from util import UserError
 RESUME_OVERRIDABLE = {"steps", "stop_at", "log_every", "val_every", "ckpt_every", "sample_every", "device", "num_workers", "compile"}
 
 
-def add_common_args(parser, presets):
-    """Flags every trainer has: preset, run dir, resume, seed, device, loop cadence, dry run."""
-    parser.add_argument("--preset", choices=sorted(presets), default=None,
-                        help="named set of defaults: full = 256x256 GPU recipe, demo = minutes on a laptop CPU, "
-                             "smoke = seconds (tests); default full with CUDA, demo without")
-    parser.add_argument("--out", default=None, help="run directory (default runs/<stage>-<preset>)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
-    parser.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the whole run (data order, init, noise)")
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--steps", type=int, default=None, help="total optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size per process")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
-                        help="after warm-up: constant, or cosine decay to 10%% of --lr at the last step")
-    parser.add_argument("--log-every", type=int, default=None, help="steps between log lines")
-    parser.add_argument("--val-every", type=int, default=None, help="steps between validations")
-    parser.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (CUDA; measured in playground/benchmark.py)")
-    parser.add_argument("--stop-at", type=int, default=None,
-                        help="save last.pt and exit at this step without changing the schedule (run in chunks "
-                             "on time-limited clusters; continue with --resume)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter, declared once: its value in the `full` recipe, its help, its flag group, and the
+    model kind it applies to (None: all). `arg` names the model constructor's keyword when it differs."""
+
+    name: str
+    full: object
+    help: str
+    group: str
+    applies: str = None
+    choices: tuple = None
+    arg: str = None
+
+
+GROUPS = ("data", "model", "loss", "optimisation", "loop", "output")
+
+
+def loop_hypers(steps, batch_size, lr, warmup, lr_schedule, log_every, val_every, ckpt_every, seed=0):
+    """The hyperparameters every trainer has, with that trainer's `full` values."""
+    return [
+        Hyper("batch_size", batch_size, "batch size per process", "optimisation"),
+        Hyper("lr", lr, "peak learning rate", "optimisation"),
+        Hyper("warmup", warmup, "linear learning-rate warm-up steps", "optimisation"),
+        Hyper("lr_schedule", lr_schedule, "after warm-up: constant, or cosine decay to 10%% of --lr at the last "
+              "step", "optimisation", choices=("constant", "cosine")),
+        Hyper("steps", steps, "total optimiser steps", "loop"),
+        Hyper("seed", seed, "seed of the whole run (data order, init, noise)", "loop"),
+        Hyper("log_every", log_every, "steps between log lines", "loop"),
+        Hyper("val_every", val_every, "steps between validations", "loop"),
+        Hyper("ckpt_every", ckpt_every, "steps between last.pt saves", "loop"),
+    ]
+
+
+def preset_values(hypers, presets, name):
+    """The config of preset `name`: every `full` value, overridden by that preset's differences."""
+    names = {h.name for h in hypers}
+    for preset, diff in presets.items():
+        unknown = sorted(set(diff) - names)
+        if unknown:  # a typo in a preset would otherwise silently add a setting nothing reads
+            raise ValueError(f"preset {preset!r} sets undeclared hyperparameters {unknown}")
+    config = {h.name: h.full for h in hypers}
+    config.update(presets[name])
+    return config
+
+
+def model_kwargs(hypers, config, kind=None):
+    """The model constructor's keywords: every `model`-group hyperparameter that applies to `kind`."""
+    return {h.arg or h.name: config[h.name] for h in hypers
+            if h.group == "model" and h.applies in (None, kind)}
+
+
+def _flag_type(value):
+    """argparse keywords for a hyperparameter, from the type of its `full` value."""
+    if isinstance(value, bool):
+        return {"action": argparse.BooleanOptionalAction}
+    if isinstance(value, list):
+        return {"type": int_list, "metavar": "N,N,..."}
+    return {"type": type(value)}
+
+
+def _preset_note(hyper, presets):
+    """'(full 1e-4; demo 1e-3; smoke 1e-3)', or '(all presets: 0)' where no preset changes it."""
+    values = {"full": hyper.full, **{p: d[hyper.name] for p, d in presets.items() if hyper.name in d}}
+    if len(values) == 1:
+        return f"(all presets: {hyper.full})"
+    return "(" + "; ".join(f"{p} {v}" for p, v in values.items()) + ")"
+
+
+def add_hyper_args(parser, hypers, presets):
+    """One flag per hyperparameter (default None: the preset decides), in EDM-style groups."""
+    groups = {name: parser.add_argument_group(name) for name in GROUPS if any(h.group == name for h in hypers)}
+    for hyper in sorted(hypers, key=lambda h: GROUPS.index(h.group)):
+        where = f" [{hyper.applies} only]" if hyper.applies else ""
+        groups[hyper.group].add_argument(f"--{hyper.name.replace('_', '-')}", default=None, choices=hyper.choices,
+                                         help=f"{hyper.help}{where} {_preset_note(hyper, presets)}",
+                                         **_flag_type(hyper.full))
+    return groups
+
+
+def add_common_args(parser, hypers, presets):
+    """Flags every trainer has: its hyperparameters, preset, run dir, resume, device, compile, dry run.
+    Returns the argument groups by name, for a script's own flags."""
+    groups = add_hyper_args(parser, hypers, presets)
+    run = groups["run"] = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(presets), default=None,
+                     help="named set of values: full = 256x256 GPU recipe, demo = minutes on a laptop CPU, "
+                          "smoke = seconds (tests); default full with CUDA, demo without")
+    run.add_argument("--out", default=None, help="run directory (default runs/<stage>-<preset>)")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    run.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
+    run.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the model (CUDA; measured in playground/benchmark.py)")
+    run.add_argument("--stop-at", type=int, default=None,
+                     help="save last.pt and exit at this step without changing the schedule (run in chunks "
+                          "on time-limited clusters; continue with --resume)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return groups
 
 
 def int_list(text):
@@ -69,7 +148,7 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def resolve_config(args, presets, stage, exclude=()):
+def resolve_config(args, hypers, presets, stage, exclude=()):
     """Preset values, overridden by every flag given explicitly; the preset is printed and recorded.
 
     `exclude` names flags that steer the command rather than the run (e.g. --eval-only, --split).
@@ -79,7 +158,7 @@ def resolve_config(args, presets, stage, exclude=()):
     if args.resume:
         return check_config(_resume_config(args, given, stage))
     preset = args.preset or ("full" if torch.cuda.is_available() else "demo")
-    config = dict(presets[preset])
+    config = preset_values(hypers, presets, preset)
     config.update(given)
     config["preset"] = preset
     config["stage"] = stage
@@ -199,6 +278,11 @@ def lr_at(step, config):
     return base
 
 
+def rank_seed(seed, rank):
+    """The seed of rank `rank`'s RNG stream (rank 0 uses `seed` itself)."""
+    return seed if rank == 0 else seed + 1_000_003 * rank
+
+
 def set_lr(optimizer, lr):
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
@@ -222,10 +306,13 @@ class Task:
 
     def __init__(self):
         self.models = {}      # name -> nn.Module (saved unwrapped)
-        self.optimizers = {}  # name -> optimizer
+        self.optimizers = {}  # name -> optimizer (the Trainer sets every one's learning rate before each step)
+        self.trained = ("model",)  # the models a train_step runs forward and backward
+        self.nets = {}        # name -> the trained model as train_step calls it (DDP / compiled), set by the Trainer
 
     def train_step(self, batch, step):
-        """One optimiser step on `batch` (tensors on device); returns named scalar tensors to log."""
+        """One optimiser step on `batch` (tensors on device), calling the models through `self.nets`;
+        returns named scalar tensors to log."""
         raise NotImplementedError
 
     def validate(self, step, run_dir):
@@ -253,22 +340,45 @@ class Trainer:
         self.logger = util.JsonlLogger(self.run_dir / "log.jsonl", enabled=rank == 0)
         self.stop_signal = None
         self.bad = None  # (step, term) of the first non-finite loss
+        self.pending = []  # (step, names, values) of losses not yet checked on the host (CUDA)
+        self.old_handlers = {}  # signal handlers to put back after fit
+        self.perm, self.perm_epoch = None, None  # this epoch's data order
         n = data[0].shape[0]
         self.batch_size = config["batch_size"]
         self.steps_per_epoch = n // (self.batch_size * world)
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch-size {self.batch_size}: larger than the training split ({n} items"
                             f"{f' over {world} processes' if world > 1 else ''})")
+        for name in task.trained:
+            task.nets[name] = self.wrap(task.models[name], compile=name == "model")
+        if rank > 0:
+            # Seeded after the models are built (every rank starts from the same weights), so each rank draws
+            # its own noise, time steps and dropout masks; rank 0 keeps the single-process stream.
+            util.seed_everything(rank_seed(config["seed"], rank))
+
+    def wrap(self, model, compile=False):
+        """The module a train_step calls: DDP under torchrun, then torch.compile with --compile."""
+        if self.world > 1:
+            # find_unused_parameters: the z null token is unused in steps where no condition is dropped.
+            model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        if compile and self.config.get("compile"):
+            model = torch.compile(model)
+        return model
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self):
-        """Everything a resumed run needs, as plain tensors and values (weights_only-loadable)."""
+    def state_dict(self, all_ranks=False):
+        """Everything a resumed run needs, as plain tensors and values (weights_only-loadable). With
+        `all_ranks` (a collective: every rank calls it) it also holds each rank's RNG state."""
         state = {
             "kind": self.task.kind,
             "config": self.config,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best": self.best, "rng": util.rng_state(),
         }
+        if all_ranks and self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, state["rng"])
+            state["rng_ranks"] = states
         for name, model in self.task.models.items():
             state[name] = unwrap(model).state_dict()
         for name, opt in self.task.optimizers.items():
@@ -289,7 +399,13 @@ class Trainer:
         self.task.load_extra_state(state)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state.get("best")
-        util.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world:
+            util.set_rng_state(ranks[self.rank])
+        else:  # a single-process checkpoint, or another world size: rank 0's state, reseeded per rank
+            util.set_rng_state(state["rng"])
+            if self.rank > 0:
+                util.seed_everything(rank_seed(self.config["seed"] + self.step, self.rank))
 
     def resume(self):
         """Load last.pt of the run directory and rewind the log to its step.
@@ -318,20 +434,23 @@ class Trainer:
             print(f"resumed {self.run_dir}/last.pt at step {self.step} (epoch {self.epoch})")
 
     def save(self, name="last.pt"):
-        """Atomic checkpoint write on rank 0; non-finite weights are never written over a good checkpoint."""
+        """Atomic checkpoint write on rank 0; non-finite weights are never written over a good checkpoint.
+
+        last.pt is saved by every rank together (it gathers their RNG states); best.pt by rank 0 alone."""
         self.check_weights_finite()
+        state = self.state_dict(all_ranks=name == "last.pt")
         if self.rank == 0:
-            util.save_checkpoint(self.state_dict(), self.run_dir / name)
+            util.save_checkpoint(state, self.run_dir / name)
 
     # -- data order ----------------------------------------------------------------------------
     def batch_indices(self):
         """Indices of this rank's batch at the current position, from the (seed, epoch) permutation."""
-        if getattr(self, "_perm_epoch", None) != self.epoch:
+        if self.perm_epoch != self.epoch:
             gen = torch.Generator().manual_seed(self.config["seed"] * 100003 + self.epoch)
-            self._perm = torch.randperm(self.data[0].shape[0], generator=gen)
-            self._perm_epoch = self.epoch
+            self.perm = torch.randperm(self.data[0].shape[0], generator=gen)
+            self.perm_epoch = self.epoch
         start = (self.batch_in_epoch * self.world + self.rank) * self.batch_size
-        return self._perm[start:start + self.batch_size]
+        return self.perm[start:start + self.batch_size]
 
     def next_batch(self):
         """This rank's batch on the device; advances the position in the epoch."""
@@ -366,8 +485,7 @@ class Trainer:
         if self.device.type != "cuda":
             self._raise_if_bad(values, names, self.step + 1)
         else:
-            self._pending = getattr(self, "_pending", [])
-            self._pending.append((self.step + 1, names, values))
+            self.pending.append((self.step + 1, names, values))
 
     def _raise_if_bad(self, values, names, step):
         finite = torch.isfinite(values)
@@ -380,9 +498,9 @@ class Trainer:
 
     def flush_checks(self):
         """Host-side check of the losses recorded since the last flush (CUDA path)."""
-        for step, names, values in getattr(self, "_pending", []):
+        for step, names, values in self.pending:
             self._raise_if_bad(values, names, step)
-        self._pending = []
+        self.pending = []
 
     def install_signal_handlers(self):
         """SIGTERM/SIGINT only set a flag: the current step (and any checkpoint write) completes first."""
@@ -394,11 +512,11 @@ class Trainer:
             if self.stop_signal is None:
                 self.stop_signal = signum
 
-        self._old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore_signal_handlers(self):
         """Put back the handlers that were there before `fit` (matters when fit runs in-process, e.g. tests)."""
-        for sig, old in getattr(self, "_old_handlers", {}).items():
+        for sig, old in self.old_handlers.items():
             signal.signal(sig, old)
 
     def should_stop(self):
@@ -450,7 +568,11 @@ class Trainer:
         metrics, t_last, items = {}, time.perf_counter(), 0
         while self.step < total:
             batch = self.next_batch()
+            lr = lr_at(self.step, cfg)
+            for opt in self.task.optimizers.values():
+                set_lr(opt, lr)
             losses = self.task.train_step(batch, self.step)
+            losses["lr"] = lr
             self.check_finite(losses)
             self.step += 1
             items += batch[0].shape[0] * self.world
@@ -555,7 +677,7 @@ def train_and_report(task, config, data, args, rank, world, device):
         best = "none" if fit.best is None else f"{fit.best:.4f}"  # None: paused before any validation
         last = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         print(f"done: {config['out']}/best.pt (best {task.select_metric[0]} {best}); last metrics {json.dumps(last)}")
-    cleanup_distributed()
+    cleanup_distributed(task)
     return 0
 
 
@@ -567,7 +689,12 @@ def data_to_device(tensors, device, limit_bytes=4 << 30):
     return tuple(tensors)
 
 
-def cleanup_distributed():
-    """Tear down the process group at exit (quietly)."""
+def cleanup_distributed(task=None):
+    """Tear down the process group at exit, all ranks together. The task's DDP wrappers go first: one destroyed
+    after its process group made gloo abort the rank ("terminate called without an active exception") in
+    2 of 20 two-process runs, none of 16 with this order."""
+    if task is not None:
+        task.nets.clear()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""Helpers shared by every script: errors, seeding, devices, images, run directories, logs,
-checkpoints, and the image metrics (SSIM, MS-SSIM, PSNR).
+"""Plain helpers shared by every file: errors, seeding, devices, batching, images, run directories, logs,
+checkpoints, and the image metrics (SSIM, MS-SSIM, PSNR). Imports no module of this project.
 
 The one training-loop skeleton used by all three trainers lives in `trainer.py`.
 """
@@ -118,8 +118,24 @@ def autocast(device, enabled=True):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+@torch.no_grad()
+def map_batches(fn, tensors, device, batch_size=64):
+    """`fn(*batch)` over aligned tensors, `batch_size` rows at a time moved to `device` under autocast;
+    the outputs are concatenated on the CPU (the one batched loop over a split: encode, decode, reconstruct)."""
+    outs = []
+    for i in range(0, len(tensors[0]), batch_size):
+        with autocast(device):
+            outs.append(fn(*(t[i:i + batch_size].to(device) for t in tensors)).cpu())
+    return torch.cat(outs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
+
+
+def to_float(images_uint8):
+    """uint8 tensor -> float32 in [-1, 1] (x / 127.5 - 1), on the tensor's device: the one conversion."""
+    return images_uint8.to(torch.float32, copy=True).div_(127.5).sub_(1.0)
 
 
 def to_uint8(images):
@@ -409,113 +425,3 @@ def psnr(x, y, data_range=2.0):
     """PSNR in dB per image, [N] tensor (skimage.metrics.peak_signal_noise_ratio on each image)."""
     mse = ((x.float() - y.float()) ** 2).flatten(1).mean(dim=1)
     return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage two: the frozen stage-one model and its latent cache (shared by stable_diffusion.py and
-# pixelCNN.py)
-
-
-def recorded_ae_flag(ckpt):
-    """How an error names the stage-one path a stage-two checkpoint recorded (relative to where it was
-    trained): points the user at --ae, which overrides it."""
-    return f"--ae not given, and the stage-one checkpoint recorded in {ckpt['_path']},"
-
-
-def load_autoencoder(path, device, flag="--ae"):
-    """Rebuild a frozen stage-one model from its checkpoint; returns (model, checkpoint dict)."""
-    from model_VAE import build_autoencoder  # lazy: util stays importable without the models
-
-    ckpt = load_checkpoint(path, kind="stage1", flag=flag)
-    try:
-        model = build_autoencoder(ckpt["model_type"], ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise UserError(f"{flag} {ckpt['_path']}: stage-one checkpoint does not match its model config "
-                        f"({str(err).splitlines()[0][:160]})") from None
-    return model.to(device).eval().requires_grad_(False), ckpt
-
-
-@torch.no_grad()
-def encode_split(model, images_u8, z, device, what="latent", batch_size=64):
-    """Encode a whole split once with the frozen autoencoder: continuous latents or VQ code indices."""
-    conditional = model_is_conditional(model)
-    outs = []
-    for i in range(0, len(images_u8), batch_size):
-        x = images_u8[i:i + batch_size].to(device).float() / 127.5 - 1
-        zz = z[i:i + batch_size].to(device) if conditional else None
-        with autocast(device):
-            out = model.encode_indices(x, zz) if what == "indices" else model.encode_latent(x, zz).float()
-        outs.append(out.cpu())
-    return torch.cat(outs)
-
-
-def model_is_conditional(model):
-    """Whether a stage-one model was trained with the z-index condition."""
-    return bool(getattr(model, "conditional", False))
-
-
-def parse_z_spec(text, num_z, flag="--z"):
-    """'0..31' (inclusive range), '5', or '0,8,16' -> list of ints, each checked against num_z."""
-    try:
-        if ".." in text:
-            lo, hi = (int(v) for v in text.split(".."))
-            values = list(range(lo, hi + 1))
-        else:
-            values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text}: expected a range like 0..31 or a list like 0,8,16") from None
-    bad = [v for v in values if not 0 <= v < max(num_z, 1)]
-    if not values or bad:
-        raise UserError(f"{flag} {text}: z-indices must lie in 0..{max(num_z, 1) - 1} for this model")
-    return values
-
-
-def sample_grid_z(zs, n):
-    """z for n rows of one sample per requested z-index (row-major: a row reads bottom to top)."""
-    return torch.tensor(zs * n, dtype=torch.long)
-
-
-def load_cache(path, ae_sha256):
-    """A latent/code cache written for this exact stage-one file, or None (missing, stale or corrupt)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
-        return None
-    return cache if isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 else None
-
-
-def stage_two_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
-    """Encode the train and validate splits once with the frozen stage one: latents ("latent") for the
-    diffusion model, code indices ("indices") for the PixelCNN. Reused on resume when it was built by
-    the same stage-one file from the same data; rebuilt otherwise. `write` is False on ranks > 0."""
-    import time
-
-    import dataset  # lazy: util stays importable without the data stack
-
-    ae_hash = file_sha256(ae_ckpt["_path"])
-    size = ae_ckpt["config"]["size"]
-    wanted = config.get("data") or ae_ckpt["config"].get("data")
-    wanted_path = Path(wanted) if wanted else dataset.default_data_dir(size)
-    cached = load_cache(cache_path, ae_hash)
-    if cached is not None and cached.get("data") and Path(cached["data"]).resolve() == wanted_path.resolve():
-        return cached  # a cache of other data (a run redone with another --data) is rebuilt below
-    data_path = dataset.ensure_dataset(wanted, size)
-    splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"))
-    t0 = time.perf_counter()
-    # The absolute path: sample/evaluate may run from another working directory.
-    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
-             "num_z": max(splits["train"].num_z, 1)}
-    for name, split in splits.items():
-        images, z = split.tensors()
-        cache[name] = encode_split(ae, images, z, device, what=what)
-        cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
-    print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train + "
-          f"{len(cache['validate'])} validate slices in {time.perf_counter() - t0:.1f}s -> "
-          f"{tuple(cache['train'].shape[1:])} per slice")
-    if write:
-        save_checkpoint(cache, cache_path)
-    return cache

@@ -7,9 +7,9 @@ What is timed (each configuration in its own subprocess, for a clean peak memory
    same widths, blocks, attention and heads (about 18.5M parameters), 16x16x3 latents, batch 32;
 3. sampling, per latent (decoding excluded): our DDIM (50 steps), DPM-Solver++(2M) (20 steps) and ancestral
    DDPM (all 1000 steps, extrapolated from the first 50: every step costs the same), MONAI's
-   `DDIMScheduler` (50 steps) on its UNet, and `pixelCNN.sample_codes` per 16x16 code grid;
+   `DDIMScheduler` (50 steps) on its UNet, and `model_pixelCNN.sample_codes` per 16x16 code grid;
 4. our data path: slices/s that the in-memory loader delivers (`dataset.load_split(...).tensors()`, a random
-   batch by `index_select`, `dataset.to_float`) next to the slices/s that a stage-one training step consumes.
+   batch by `index_select`, `util.to_float`) next to the slices/s that a stage-one training step consumes.
 
 Warm-up iterations are excluded; each number is the median of `--repeats` timed repeats (and, with
 `--rounds N`, of N passes over all configurations in turn, so that drift in the machine's speed is shared by
@@ -808,21 +808,22 @@ def bench_sample(job, cfg, device, meter):
 
 
 def bench_pixelcnn(job, cfg, device, meter):
-    """Time per 16x16 code grid of `pixelCNN.sample_codes` (batch of `pixelcnn.batch` grids)."""
+    """Time per 16x16 code grid of `model_pixelCNN.sample_codes` (batch of `pixelcnn.batch` grids)."""
     import torch
 
     import pixelCNN
+    import trainer
+    from model_pixelCNN import sample_codes
 
     c = cfg["pixelcnn"]
-    preset = pixelCNN.PRESETS[c["preset"]]
-    model = pixelCNN.GatedPixelCNN(c["n_codes"], conditional=True, num_z=32,
-                                   **{k: preset[k] for k in pixelCNN.PRIOR_KEYS}).to(device)
+    config = trainer.preset_values(pixelCNN.HYPERS, pixelCNN.PRESETS, c["preset"])
+    model = pixelCNN.PRIOR.build(dict(config, n_codes=c["n_codes"], conditional=True, num_z=32)).to(device)
     b = c["batch"]
     z = torch.randint(0, 32, (b,), generator=torch.Generator().manual_seed(0)).to(device)
     threads = job.get("sample_threads") or None  # 1 = the function's default; None = leave torch's setting
 
     def run():
-        pixelCNN.sample_codes(model, tuple(c["grid"]), z, temperature=1.0, num_threads=threads)
+        sample_codes(model, tuple(c["grid"]), z, temperature=1.0, num_threads=threads)
 
     meter.reset()
     median, times, _ = timed(run, device, max(job["warmup"], 1), job["repeats"])
@@ -838,6 +839,7 @@ def bench_data(job, cfg, device, meter):
     import torch
 
     import dataset
+    import util
 
     c = cfg["data"]
     notes = []
@@ -864,7 +866,7 @@ def bench_data(job, cfg, device, meter):
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < c["seconds"]:
             idx = torch.randint(len(images), (b,), generator=gen)
-            dataset.to_float(images.index_select(0, idx)).to(device, non_blocking=True)
+            util.to_float(images.index_select(0, idx)).to(device, non_blocking=True)
             z.index_select(0, idx).to(device, non_blocking=True)
             done += b
         _sync(device)

@@ -20,7 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dataset  # noqa: E402
+import evaluation  # noqa: E402
 import util  # noqa: E402
+from prestage_train import load_autoencoder  # noqa: E402
 from util import UserError  # noqa: E402
 
 
@@ -35,24 +37,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def code_counts(model, images, z, device):
-    """How often each code index occurs over all latent positions of all images, [n_embed]."""
-    indices = util.encode_split(model, images, z, device, what="indices")
-    return np.bincount(indices.flatten().numpy(), minlength=model.n_embed)
-
-
-def usage_stats(counts):
-    """(fraction of codes used, perplexity of the code distribution)."""
-    p = counts / max(counts.sum(), 1)
-    nz = p[p > 0]
-    return float((counts > 0).mean()), float(np.exp(-(nz * np.log(nz)).sum()))
-
-
 def main(argv=None):
     """Encode the split, count codes, plot sorted counts and the cumulative share of tokens."""
     args = parse_args(argv)
     device = util.pick_device(args.device)
-    model, ckpt = util.load_autoencoder(args.ckpt, device, flag="--ckpt")
+    model, ckpt = load_autoencoder(args.ckpt, device, flag="--ckpt")
     if not hasattr(model, "n_embed"):
         raise UserError(f"--ckpt {ckpt['_path']}: is a {ckpt.get('model_type', 'non-VQ')} autoencoder; "
                         f"codebook usage needs a VQ-VAE checkpoint")
@@ -60,8 +49,10 @@ def main(argv=None):
     root = dataset.ensure_dataset(args.data or config.get("data"), config["size"])
     split = dataset.load_split(root, args.split, size=config["size"])
     images, z = split.tensors()
-    counts = code_counts(model, images, z, device)
-    used, perplexity = usage_stats(counts)
+    counts = evaluation.code_counts(model, images, z, device)
+    stats = evaluation.codebook_usage(counts, prefix=args.split)
+    used, perplexity = stats[f"{args.split}/codebook_usage"], stats[f"{args.split}/perplexity"]
+    counts = counts.numpy()
     order = np.sort(counts)[::-1]
     share = np.cumsum(order) / max(order.sum(), 1)
     half = int(np.searchsorted(share, 0.5)) + 1  # codes that carry half of all tokens

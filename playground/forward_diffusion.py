@@ -41,13 +41,13 @@ def pick_slice(split, z):
     """(image [1, 1, S, S] in [-1, 1], its z): the first slice at z (middle z by default; any if unconditional)."""
     images, zs = split.tensors()
     if not split.conditional:
-        return dataset.to_float(images[:1]), -1
+        return util.to_float(images[:1]), -1
     z = split.num_z // 2 if z is None else z
     hits = (zs == z).nonzero().flatten()
     if len(hits) == 0:
         raise util.UserError(f"--z {z}: no slice at this z-index in the {split.split} split "
                              f"(z runs 0..{split.num_z - 1})")
-    return dataset.to_float(images[hits[:1]]), z
+    return util.to_float(images[hits[:1]]), z
 
 
 def main(argv=None):

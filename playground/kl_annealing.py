@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import util  # noqa: E402
-from prestage_train import PRESETS, kl_weight_at  # noqa: E402
+import trainer  # noqa: E402
+from prestage_train import HYPERS, PRESETS, kl_weight_at  # noqa: E402
 
 
 def _setting(text):
@@ -36,7 +37,7 @@ def _setting(text):
 
 def parse_args(argv):
     """The command line (defaults: the 'full' preset's steps and maximum weight)."""
-    full = PRESETS["full"]
+    full = trainer.preset_values(HYPERS, PRESETS, "full")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=full["steps"], help="total training steps")
     p.add_argument("--max-weight", type=float, default=full["kl_weight"], help="maximum KL weight")

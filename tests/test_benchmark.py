@@ -7,27 +7,21 @@ Run: .venv/bin/python -m pytest -q tests/test_benchmark.py
 """
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MONAI_IMPORTABLE = importlib.util.find_spec("monai") is not None
 
 
-def run(args, timeout=300):
-    return subprocess.run([sys.executable, "playground/benchmark.py", *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+def run(cli, args, timeout=300):
+    """`python playground/benchmark.py *args` from the repo root, one thread per process."""
+    return cli.run("playground/benchmark.py", *args, timeout=timeout)
 
 
-def test_quick_run_prints_a_table_and_writes_json(tmp_path):
+def test_quick_run_prints_a_table_and_writes_json(tmp_path, cli):
     out = tmp_path / "bench.json"
     args = ["--quick", "--threads", "1", "--channels-last", "--monai-path", tmp_path / "no_monai_here", "--out", out]
     if MONAI_IMPORTABLE:
         args.append("--no-monai")
-    proc = run(args)
+    proc = run(cli, args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
 
@@ -87,18 +81,18 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path):
     assert data_row["kind"] == "data" and data_row["ratio"] > 0
 
 
-def test_bad_arguments_fail_without_running_anything(tmp_path):
-    proc = run(["--quick", "--threads", "0"], timeout=60)
+def test_bad_arguments_fail_without_running_anything(tmp_path, cli):
+    proc = run(cli, ["--quick", "--threads", "0"], timeout=60)
     assert proc.returncode == 2 and "--threads 0" in proc.stderr
-    proc = run(["--quick", "--rounds", "0"], timeout=60)
+    proc = run(cli, ["--quick", "--rounds", "0"], timeout=60)
     assert proc.returncode == 2 and "--rounds 0" in proc.stderr
-    proc = run(["--quick", "--only", "vae,nonsense"], timeout=60)
+    proc = run(cli, ["--quick", "--only", "vae,nonsense"], timeout=60)
     assert proc.returncode != 0 and "nonsense" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
-def test_rounds_keep_each_configurations_median_round(tmp_path):
+def test_rounds_keep_each_configurations_median_round(tmp_path, cli):
     out = tmp_path / "bench.json"
-    proc = run(["--quick", "--threads", "1", "--no-monai", "--only", "data", "--rounds", 3, "--out", out])
+    proc = run(cli, ["--quick", "--threads", "1", "--no-monai", "--only", "data", "--rounds", 3, "--out", out])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sum("round " in line and "data ours" in line for line in proc.stdout.splitlines()) == 3
     (row,) = json.loads(out.read_text())["results"]
@@ -106,9 +100,8 @@ def test_rounds_keep_each_configurations_median_round(tmp_path):
     assert row["notes"][0].startswith("median of 3 rounds (")
 
 
-def test_median_round_picks_the_lower_middle_and_survives_errors():
-    sys.path.insert(0, str(ROOT / "playground"))
-    import benchmark
+def test_median_round_picks_the_lower_middle_and_survives_errors(playground_module):
+    benchmark = playground_module("benchmark")
 
     runs = [dict(items_per_s=5.0), dict(error="worker exit 1"), dict(items_per_s=9.0), dict(items_per_s=7.0),
             dict(items_per_s=1.0)]

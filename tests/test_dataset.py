@@ -2,22 +2,15 @@
 
 Run: python -m pytest -q tests/test_dataset.py   (about a minute on 2 CPU cores)
 """
-import subprocess
-import sys
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import dataset  # noqa: E402
-from dataset import DataError, SliceDataset, detect_layout, load_split, load_splits, to_float  # noqa: E402
-from util import UserError  # noqa: E402
+import dataset
+from dataset import DataError, SliceDataset, detect_layout, load_split, load_splits, to_float
+from util import UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,10 +43,9 @@ def make_oasis(root, layout=None, num_z=4, side=32, seg=True):
     return root
 
 
-def run_cli(*args):
-    """Run dataset.py as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(ROOT / "dataset.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+def run_cli(cli, *args):
+    """Run dataset.py as a user would (through the `cli` fixture); returns the CompletedProcess."""
+    return cli.run("dataset.py", *args, timeout=120)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,21 +399,21 @@ def test_missing_empty_and_unrecognisable_folders(tmp_path):
         detect_layout(tmp_path / "file.png")
 
 
-def test_cli_bad_input_is_one_error_line(tmp_path):
-    result = run_cli("inspect", tmp_path / "missing")
+def test_cli_bad_input_is_one_error_line(tmp_path, cli):
+    result = run_cli(cli, "inspect", tmp_path / "missing")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or folder"]
     make_oasis(tmp_path / "data")
     (tmp_path / "data" / "keras_png_slices_test" / "case_004_slice_2.nii.png").write_bytes(b"broken")
-    result = run_cli("inspect", tmp_path / "data", "--size", "32")
+    result = run_cli(cli, "inspect", tmp_path / "data", "--size", "32")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "case_004_slice_2.nii.png: unreadable" in lines[0]
 
 
-def test_cli_inspect_reports_the_tree(tmp_path):
+def test_cli_inspect_reports_the_tree(tmp_path, cli):
     make_oasis(tmp_path / "a" / "keras_png_slices_data")
-    result = run_cli("inspect", tmp_path / "a", "--size", "32")
+    result = run_cli(cli, "inspect", tmp_path / "a", "--size", "32")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "layout: oasis" in out and str(tmp_path / "a" / "keras_png_slices_data") in out
@@ -509,5 +501,5 @@ def test_ensure_dataset_builds_once(tmp_path, monkeypatch, capsys):
         dataset.ensure_dataset(tmp_path / "nope", 32)
 
 
-def test_default_data_dir_is_beside_the_code():
-    assert dataset.default_data_dir(64) == ROOT / "data" / "embedded_64"
+def test_default_data_dir_is_beside_the_code(repo_root):
+    assert dataset.default_data_dir(64) == repo_root / "data" / "embedded_64"

@@ -4,66 +4,21 @@ FID's skip, and evaluate_samples end to end on a tiny synthetic dataset written 
 Run: .venv/bin/python -m pytest -q tests/test_evaluation.py
 """
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import dataset
+import evaluation as ev
+import util
 
-import dataset  # noqa: E402
-import evaluation as ev  # noqa: E402
-import util  # noqa: E402
-
-NUM_Z = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models here run fastest on one thread (and far faster when other jobs share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def disc_slices(subjects, size=32, num_z=NUM_Z, seed=0):
-    """uint8 [S*num_z, 1, size, size] discs whose radius grows with z (subject-specific centre, gain, noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    images, zs, subj = [], [], []
-    for s in range(subjects):
-        cy, cx = size / 2 + rng.uniform(-1.5, 1.5, 2)
-        gain = rng.uniform(0.6, 1.0)
-        for z in range(num_z):
-            r = size * (0.1 + 0.35 * z / (num_z - 1))
-            img = np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r * r, gain, 0.0)
-            img = img + 0.05 * rng.standard_normal((size, size))
-            images.append(np.clip(img, 0, 1) * 255)
-            zs.append(z)
-            subj.append(s)
-    return torch.from_numpy(np.array(images, np.uint8))[:, None], torch.tensor(zs), subj
-
-
-def write_disc_dataset(root, size=32, subjects=(10, 4, 4)):
-    """A tiny OASIS-layout dataset of disc slices (train, validate, test subjects never shared)."""
-    root = Path(root)
-    for k, (split, n) in enumerate(zip(dataset.SPLITS, subjects)):
-        folder = root / f"keras_png_slices_{split}"
-        folder.mkdir(parents=True)
-        images, zs, subj = disc_slices(n, size, seed=k)
-        for img, z, s in zip(images, zs.tolist(), subj):
-            Image.fromarray(img[0].numpy()).save(folder / f"case_{split}{s:03d}_slice_{z}.nii.png")
-    return root
+NUM_Z = 32  # the z-indices per subject of the conftest `disc_slices` (its default num_z)
 
 
 @pytest.fixture(scope="module")
-def disc_data(tmp_path_factory):
+def disc_data(tmp_path_factory, write_disc_dataset):
     """(dataset root, z-regressor cache dir with a regressor already trained for size 32)."""
     root = write_disc_dataset(tmp_path_factory.mktemp("discs"))
     cache = tmp_path_factory.mktemp("cache")
@@ -109,9 +64,9 @@ def test_sliced_wasserstein_of_known_shifts():
     assert ev.sliced_wasserstein(a[:500], a + 0.5, n_proj=8) == pytest.approx(0.5, abs=0.1)
 
 
-def test_swd_is_zero_for_identical_sets_and_grows_with_shift():
-    real = dataset.to_float(disc_slices(2, seed=0)[0])
-    other = dataset.to_float(disc_slices(2, seed=1)[0])  # the same distribution, other subjects
+def test_swd_is_zero_for_identical_sets_and_grows_with_shift(disc_slices):
+    real = util.to_float(disc_slices(2, seed=0)[0])
+    other = util.to_float(disc_slices(2, seed=1)[0])  # the same distribution, other subjects
     gen = torch.Generator().manual_seed(2)
     noisy = (other + 0.2 * torch.randn(other.shape, generator=gen)).clamp(-1, 1)
     blurred = ev.pyr_up(ev.pyr_down(other))
@@ -152,14 +107,14 @@ def test_ms_ssim_matches_pytorch_msssim(size, seed, reference):
     assert util.ms_ssim(a, b).item() == pytest.approx(reference, abs=1e-4)
 
 
-def test_diversity_identical_vs_independent_images():
+def test_diversity_identical_vs_independent_images(disc_slices):
     one = smooth_fields(1, size=64, seed=3)
     assert ev.diversity(one.repeat(6, 1, 1, 1), pairs=16) == pytest.approx(1.0, abs=1e-5)
     noise = torch.rand(16, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert ev.diversity(noise, pairs=32) < 0.1
     # Slices of different subjects: alike at the same z-index, less alike across z-indices.
     images, z, _ = disc_slices(4, size=64)
-    images = dataset.to_float(images)
+    images = util.to_float(images)
     same_z, any_z = ev.diversity(images, 64, z=z.numpy()), ev.diversity(images, 64)
     assert 0.1 < any_z < same_z < 0.99, (any_z, same_z)
 
@@ -178,10 +133,10 @@ def test_random_pairs_share_z_and_never_pair_an_image_with_itself():
 # Nearest neighbours
 
 
-def test_nearest_neighbour_copy_has_zero_distance_and_counts_as_copy():
+def test_nearest_neighbour_copy_has_zero_distance_and_counts_as_copy(disc_slices):
     train, _, _ = disc_slices(3)
-    copies = dataset.to_float(train[[5, 40]])
-    fresh = dataset.to_float(disc_slices(2, seed=9)[0])
+    copies = util.to_float(train[[5, 40]])
+    fresh = util.to_float(disc_slices(2, seed=9)[0])
     dist, idx = ev.nearest_neighbour_rmse(torch.cat([copies, fresh]), train)
     assert dist[0] == pytest.approx(0.0, abs=1e-5) and dist[1] == pytest.approx(0.0, abs=1e-5)
     assert idx[:2].tolist() == [5, 40]
@@ -198,7 +153,7 @@ def test_nearest_neighbour_copy_has_zero_distance_and_counts_as_copy():
 # z regressor
 
 
-def test_z_regressor_reads_slice_position_and_not_shuffled_labels():
+def test_z_regressor_reads_slice_position_and_not_shuffled_labels(disc_slices):
     train, z, _ = disc_slices(12, seed=0)
     val, val_z, _ = disc_slices(4, seed=1)
     model = ev.train_z_regressor(train, z, NUM_Z, steps=150, batch_size=32)
@@ -274,7 +229,7 @@ def test_evaluate_samples_real_copies_and_noise(disc_data, capsys, tmp_path):
     kw = dict(cache_dir=cache, pairs=64, swd_patches=32, swd_proj=64, verbose=False)
     test = dataset.load_split(root, "test", size=32)
     images, z = test.tensors()
-    perfect = ev.evaluate_samples(dataset.to_float(images), z, root, **kw)
+    perfect = ev.evaluate_samples(util.to_float(images), z, root, **kw)
     for key in ("swd", "swd_real", "swd/level_32", "swd/level_16", "diversity_ms_ssim", "diversity_ms_ssim_real",
                 "z_mae", "z_mae_real", "nn_l2", "nn_l2_real", "nn_copy_fraction"):
         assert isinstance(perfect[key], float) and np.isfinite(perfect[key]), key
@@ -288,7 +243,7 @@ def test_evaluate_samples_real_copies_and_noise(disc_data, capsys, tmp_path):
 
     # Memorised training slices: distance 0, all counted as copies.
     train_u8, train_z = dataset.load_split(root, "train", size=32).tensors()
-    copies = ev.evaluate_samples(dataset.to_float(train_u8[:64]), train_z[:64], root, **kw)
+    copies = ev.evaluate_samples(util.to_float(train_u8[:64]), train_z[:64], root, **kw)
     assert copies["nn_l2"] == pytest.approx(0.0, abs=1e-5) and copies["nn_copy_fraction"] == 1.0
     assert copies["nn_l2_real"] > 0.01
 
@@ -299,7 +254,7 @@ def test_evaluate_samples_real_copies_and_noise(disc_data, capsys, tmp_path):
     assert bad["diversity_ms_ssim"] < bad["diversity_ms_ssim_real"]
 
     # Real slices labelled with the mirrored z-index: a model that ignores its condition.
-    ignored = ev.evaluate_samples(dataset.to_float(images), NUM_Z - 1 - z, root, **kw)
+    ignored = ev.evaluate_samples(util.to_float(images), NUM_Z - 1 - z, root, **kw)
     assert ignored["z_mae"] > 5 * ignored["z_mae_real"] and ignored["z_mae"] > 8
 
     ev.report(bad, tmp_path / "m.json")
@@ -320,16 +275,15 @@ def test_evaluate_samples_on_unconditional_data_skips_z(tmp_path):
     assert out["diversity_pairs"] == "random"
 
 
-def test_cli_reports_bad_arguments_in_one_line():
-    proc = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--n", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+def test_cli_reports_bad_arguments_in_one_line(cli):
+    proc = cli.run("evaluation.py", "--n", "1", timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: --n 1") and "Traceback" not in proc.stderr
 
 
 def test_unconditional_samples_on_conditional_data_skip_z_and_pair_randomly(disc_data):
     root, cache = disc_data
-    images = dataset.to_float(dataset.load_split(root, "test", size=32).tensors()[0][:40])
+    images = util.to_float(dataset.load_split(root, "test", size=32).tensors()[0][:40])
     out = ev.evaluate_samples(images, torch.full((40,), -1), root, cache_dir=cache, pairs=16, swd_patches=16,
                               swd_proj=16, verbose=False)
     assert out["z_mae"] is None and "without z-indices" in out["z_mae_skipped"]

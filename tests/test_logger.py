@@ -3,19 +3,14 @@
 Run: .venv/bin/python -m pytest -q tests/test_logger.py
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import logger  # noqa: E402
-from util import UserError  # noqa: E402
+import logger
+from util import UserError
 
 
 def write_log(run_dir, records, tail=""):
@@ -123,9 +118,8 @@ def test_errors_are_user_errors(tmp_path):
         logger.main([str(tmp_path / "fresh"), "--smooth", "0"])
 
 
-def test_cli_missing_dir_is_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "logger.py"), str(tmp_path / "nope")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+def test_cli_missing_dir_is_one_line_error(tmp_path, cli):
+    proc = cli.run("logger.py", tmp_path / "nope", timeout=60)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]

@@ -2,19 +2,13 @@
 gradient, EMA arithmetic, dead-code restarts, statistics, DDP replicas) and the config factory."""
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.distributions import Normal, kl_divergence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder  # noqa: E402
-
-torch.set_num_threads(1)  # tiny models: a second thread only adds contention on shared CPUs
+from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder
 
 
 def tiny(cls, resolution=32, ch_mult=(1, 2), **extra):

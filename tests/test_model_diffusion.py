@@ -16,15 +16,6 @@ from model_diffusion import (LatentUNet, NoiseSchedule, ddim_sample, ddim_sigma,
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run single-threaded: the tensors are tiny, and on a shared 2-core box extra threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rng(seed):
     """A seeded CPU generator."""
     return torch.Generator().manual_seed(seed)

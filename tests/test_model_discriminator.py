@@ -2,22 +2,17 @@
 and the perceptual-loss builder (LPIPS-style path with a stand-in torchvision, MS-SSIM fallback)."""
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import model_discriminator as md  # noqa: E402
-from model_discriminator import (  # noqa: E402
+import model_discriminator as md
+from model_discriminator import (
     MSSSIMLoss, PatchDiscriminator, SSIMLoss, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
     generator_loss, hinge_d_loss, nonsaturating_d_loss)
-from util import UserError, ms_ssim  # noqa: E402
-
-torch.set_num_threads(1)  # tiny models: a second thread only adds contention on shared CPUs
+from util import UserError, ms_ssim
 
 
 # ----------------------------------------------------------------------------------------------

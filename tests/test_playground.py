@@ -6,27 +6,14 @@ checked on a log that the real trainer wrote.
 
 Run: .venv/bin/python -m pytest -q tests/test_playground.py
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_evaluation import write_disc_dataset  # noqa: E402
-
-# One thread per subprocess: these are tiny jobs, and spinning threads crawl on a shared machine.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def run(args, timeout=120):
-    """Run a repo script from the repo root; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+def run(cli, args, timeout=120):
+    """Run a repo script from the repo root (one thread per subprocess: these are tiny jobs, and spinning
+    threads crawl on a shared machine); returns the CompletedProcess."""
+    return cli.run(*args, timeout=timeout)
 
 
 def check_png(path, min_size=(300, 200)):
@@ -38,7 +25,7 @@ def check_png(path, min_size=(300, 200)):
 
 
 @pytest.fixture(scope="module")
-def discs(tmp_path_factory):
+def discs(tmp_path_factory, write_disc_dataset):
     """A tiny OASIS-layout dataset at 32x32."""
     return write_disc_dataset(tmp_path_factory.mktemp("discs"))
 
@@ -48,36 +35,36 @@ def discs(tmp_path_factory):
     ("kl_annealing.py", ["--steps", "300", "--settings", "1:1.0", "3:0.5"], ""),
     ("sinusoidal_embedding.py", ["--z-dim", "16", "--t-dim", "32", "--timesteps", "100"], "similarity"),
 ])
-def test_script_writes_its_figure(tmp_path, script, args, expect):
+def test_script_writes_its_figure(tmp_path, script, args, expect, cli):
     out = tmp_path / "figure.png"
-    proc = run([f"playground/{script}", *args, "--out", out])
+    proc = run(cli, [f"playground/{script}", *args, "--out", out])
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and expect in proc.stdout
     check_png(out)
 
 
-def test_forward_diffusion_on_given_data(tmp_path, discs):
+def test_forward_diffusion_on_given_data(tmp_path, discs, cli):
     out = tmp_path / "fwd.png"
-    proc = run(["playground/forward_diffusion.py", "--data", discs, "--size", "32", "--z", "20",
+    proc = run(cli, ["playground/forward_diffusion.py", "--data", discs, "--size", "32", "--z", "20",
                 "--t", "0", "100", "999", "--out", out])
     assert proc.returncode == 0, proc.stderr
     check_png(out, (200, 150))
-    bad = run(["playground/forward_diffusion.py", "--data", discs, "--size", "32", "--t", "1000", "--out", out])
+    bad = run(cli, ["playground/forward_diffusion.py", "--data", discs, "--size", "32", "--t", "1000", "--out", out])
     assert bad.returncode == 1 and bad.stderr.startswith("error: --t 1000") and "Traceback" not in bad.stderr
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path):
-    proc = run(["playground/sinusoidal_embedding.py", "--z-dim", "7", "--out", tmp_path / "x.png"])
+def test_bad_arguments_are_one_line_errors(tmp_path, cli):
+    proc = run(cli, ["playground/sinusoidal_embedding.py", "--z-dim", "7", "--out", tmp_path / "x.png"])
     assert proc.returncode == 1 and proc.stderr.strip() == "error: --z-dim 7: must be an even number >= 2"
-    proc = run(["playground/codebook_usage.py", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "x.png"])
+    proc = run(cli, ["playground/codebook_usage.py", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "x.png"])
     assert proc.returncode == 1 and proc.stderr.startswith("error: --ckpt") and "Traceback" not in proc.stderr
 
 
 @pytest.fixture(scope="module")
-def vq_run(tmp_path_factory, discs):
+def vq_run(tmp_path_factory, discs, cli):
     """A VQ-VAE run directory from a 2-step smoke run of prestage_train.py (skips if that CLI fails)."""
     out = tmp_path_factory.mktemp("vq") / "run"
-    proc = run(["prestage_train.py", "--model", "vqvae", "--preset", "smoke", "--data", discs, "--out", out,
+    proc = run(cli, ["prestage_train.py", "--model", "vqvae", "--preset", "smoke", "--data", discs, "--out", out,
                 "--steps", "2", "--val-every", "2", "--ckpt-every", "2", "--val-max", "16"], timeout=300)
     if proc.returncode != 0 or not (out / "best.pt").is_file():
         pytest.skip(f"prestage_train.py smoke run failed, no VQ-VAE checkpoint to test with: "
@@ -85,15 +72,15 @@ def vq_run(tmp_path_factory, discs):
     return out
 
 
-def test_codebook_usage_of_a_trained_vqvae(tmp_path, vq_run):
+def test_codebook_usage_of_a_trained_vqvae(tmp_path, vq_run, cli):
     out = tmp_path / "codes.png"
-    proc = run(["playground/codebook_usage.py", "--ckpt", vq_run / "best.pt", "--device", "cpu", "--out", out])
+    proc = run(cli, ["playground/codebook_usage.py", "--ckpt", vq_run / "best.pt", "--device", "cpu", "--out", out])
     assert proc.returncode == 0, proc.stderr
     assert "codes used, perplexity" in proc.stdout
     check_png(out)
 
 
-def test_logger_plots_a_real_training_log(tmp_path, vq_run):
-    proc = run(["logger.py", vq_run, "--out", tmp_path / "curves.png"])
+def test_logger_plots_a_real_training_log(tmp_path, vq_run, cli):
+    proc = run(cli, ["logger.py", vq_run, "--out", tmp_path / "curves.png"])
     assert proc.returncode == 0, proc.stderr
     check_png(tmp_path / "curves.png")

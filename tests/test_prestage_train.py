@@ -1,10 +1,6 @@
 """prestage_train.py end to end on tiny data: training lowers the loss, resume is exact, eval-only,
 DDP with gloo, and every bad input gives one clear line."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +9,9 @@ import prestage_train
 import util
 from util import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _run(*argv):
     return prestage_train.main([str(a) for a in argv])
-
-
-def _cli(*argv, env=None):
-    """Run a script as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *[str(a) for a in argv]], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def _weights(path, key="model"):
@@ -100,7 +88,7 @@ def test_decoder_extra_block_flag_reaches_the_checkpoint(tmp_path, tiny_data):
          "--no-decoder-extra-block")
     ckpt = util.load_checkpoint(out / "last.pt", kind="stage1")
     assert ckpt["config"]["decoder_extra_block"] is False and ckpt["model_config"]["decoder_extra_block"] is False
-    model, _ = util.load_autoencoder(out / "last.pt", torch.device("cpu"))
+    model, _ = prestage_train.load_autoencoder(out / "last.pt", torch.device("cpu"))
     assert [sum(m.__class__.__name__ == "ResBlock" for m in lv) for lv in model.decoder.levels] == [1, 1]
 
 
@@ -126,17 +114,17 @@ def test_nan_loss_stops_naming_step_and_term(tmp_path, tiny_data):
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_cli_error_is_one_line_without_traceback(tmp_path):
-    proc = _cli("prestage_train.py", "--preset", "smoke", "--data", tmp_path / "nowhere")
+def test_cli_error_is_one_line_without_traceback(tmp_path, cli):
+    proc = cli.run("prestage_train.py", "--preset", "smoke", "--data", tmp_path / "nowhere")
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
 
 
-def test_ddp_two_processes_gloo(tmp_path, tiny_data):
+def test_ddp_two_processes_gloo(tmp_path, tiny_data, cli):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = _cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "prestage_train.py",
-                "--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--device", "cpu", env=env)
+    proc = cli.run("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={cli.free_port()}",
+                   "prestage_train.py", "--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out,
+                   "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "distributed: 2 processes, backend gloo" in proc.stdout
     ckpt = util.load_checkpoint(out / "last.pt")

@@ -12,8 +12,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,6 @@ import trainer
 import util
 from util import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 MAIN = {"prestage_train.py": prestage_train.main, "stable_diffusion.py": stable_diffusion.main,
         "pixelCNN.py": pixelCNN.main}
 KIND = {"vae": "stage1", "vqvae": "stage1", "ldm": "diffusion", "pixelcnn": "pixelcnn"}
@@ -42,36 +39,18 @@ STEPS, CKPT = 24, 4  # kill-chain runs: 6 checkpoints, validation only at the en
 # Helpers
 
 
-def _env():
-    # The subprocesses must use the thread count of this process: CPU kernels may sum in another
-    # order with another thread count, and the runs are compared bit for bit with in-process ones.
-    return dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
-
-
-def _cli(*argv, timeout=300):
-    """Run a script as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=_env())
-
-
-def _assert_one_line_error(proc, *needles):
-    """Exit code 1, exactly one `error:` line on stderr naming every needle, no traceback."""
-    err = proc.stderr.strip()
-    assert proc.returncode == 1, (proc.returncode, err[-2000:])
-    assert "Traceback" not in err and err.count("\n") == 0 and err.startswith("error: "), err[-2000:]
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
+# The subprocesses (the `cli` fixture) run on the thread count this process is pinned to (the `one_thread`
+# fixture of conftest.py): CPU kernels may sum in another order with another thread count, and the runs are
+# compared bit for bit with in-process ones.
 
 
 class _Launched:
     """A training subprocess with stdout/stderr in files (no pipe can fill up and stall it)."""
 
-    def __init__(self, argv, logdir, tag):
+    def __init__(self, cli, argv, logdir, tag):
         self.out, self.err = logdir / f"{tag}.out", logdir / f"{tag}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=out, stderr=err,
-                                         env=_env())
+            self.proc = cli.popen(*argv, stdout=out, stderr=err)
 
     def finish(self, timeout=300):
         rc = self.proc.wait(timeout=timeout)
@@ -178,7 +157,7 @@ KILL_MODES = ("before-first-checkpoint", "checkpoint-write", "random")
 
 
 @pytest.mark.parametrize("name", ["vae", "vqvae", "ldm", "pixelcnn"])
-def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference, tiny_data, vae_run, vqvae_run):
+def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference, tiny_data, vae_run, vqvae_run, cli):
     """Three SIGKILLs per trainer (before the first checkpoint, during a checkpoint write, at a seeded random
     point of the run), each followed by --resume; the finished run equals the uninterrupted one bit for bit."""
     ref = reference(name)
@@ -192,7 +171,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, reference
     for trial, mode in enumerate(KILL_MODES + ("finish",)):
         argv = [*script, *args, "--out", run] if trial == 0 else [*script, "--resume", run]
         start = ckpt_step or 0
-        job = _Launched(argv, tmp_path, f"{trial}-{mode}")
+        job = _Launched(cli, argv, tmp_path, f"{trial}-{mode}")
         proc = job.proc
         if mode != "finish":
             # Training is under way in this process once it has rewound the log (said so on stdout)
@@ -291,7 +270,7 @@ def test_resume_without_checkpoint_starts_over_and_clears_leftovers(tmp_path, re
 # 2. SIGTERM and SIGINT: save, one message, conventional exit code, exact continuation
 
 
-def test_sigterm_and_sigint_save_and_resume(tmp_path, reference, tiny_data, vae_run, vqvae_run):
+def test_sigterm_and_sigint_save_and_resume(tmp_path, reference, tiny_data, vae_run, vqvae_run, cli):
     ref = reference("vae")
     script, args = _chain_args("vae", tiny_data, vae_run, vqvae_run)
     run = tmp_path / "run"
@@ -301,7 +280,7 @@ def test_sigterm_and_sigint_save_and_resume(tmp_path, reference, tiny_data, vae_
     saved = 0
     for i, (label, signals, code) in enumerate(plan):
         argv = [*script, *args, "--out", run] if i == 0 else [*script, "--resume", run]
-        job = _Launched(argv, tmp_path, f"sig{i}")
+        job = _Launched(cli, argv, tmp_path, f"sig{i}")
         if i > 0:  # the log is rewound on resume: wait for that before reading it
             assert _wait_for(lambda: re.search(r"^resume", job.out.read_text(), re.M), job.proc)
         assert _wait_for(lambda: _last_step(run) >= saved + 2, job.proc)
@@ -320,7 +299,7 @@ def test_sigterm_and_sigint_save_and_resume(tmp_path, reference, tiny_data, vae_
         if i > 0:
             assert f"resumed {run}/last.pt at step {saved} " in out
         saved = step
-    rc, out, err = _Launched([*script, "--resume", run], tmp_path, "sig-finish").finish()
+    rc, out, err = _Launched(cli, [*script, "--resume", run], tmp_path, "sig-finish").finish()
     assert rc == 0 and f"at step {saved} " in out, err[-2000:]
     assert _loss_steps(run) == list(range(1, STEPS + 1))
     _assert_same_weights(run / "last.pt", ref / "last.pt", MODELS["vae"])
@@ -414,16 +393,16 @@ def test_hostile_checkpoints_are_refused_for_every_flag(tmp_path, reference, sta
     assert tried == 24
 
 
-def test_hostile_checkpoint_cli_is_one_line(tmp_path, reference, vae_run):
+def test_hostile_checkpoint_cli_is_one_line(tmp_path, reference, vae_run, cli):
     """As a user sees it: exit 1, one error line, no traceback, and the payload never ran."""
     marker, files = _hostile_files(tmp_path, "stage1", vae_run / "best.pt")
     run = _copy_run(reference("vae"), tmp_path / "run")
     shutil.copy(files["evil"], run / "last.pt")
-    _assert_one_line_error(_cli("prestage_train.py", "--resume", run), "refused", f"{run}/last.pt")
-    _assert_one_line_error(_cli("stable_diffusion.py", "train", "--ae", files["evil"], "--preset", "smoke",
-                                "--out", tmp_path / "ldm"), "--ae", "refused")
-    _assert_one_line_error(_cli("pixelCNN.py", "train", "--ae", files["truncated"], "--preset", "smoke",
-                                "--out", tmp_path / "pc"), "--ae", "truncated or corrupt")
+    cli.assert_one_line_error(cli.run("prestage_train.py", "--resume", run), "refused", f"{run}/last.pt")
+    cli.assert_one_line_error(cli.run("stable_diffusion.py", "train", "--ae", files["evil"], "--preset", "smoke",
+                                      "--out", tmp_path / "ldm"), "--ae", "refused")
+    cli.assert_one_line_error(cli.run("pixelCNN.py", "train", "--ae", files["truncated"], "--preset", "smoke",
+                                      "--out", tmp_path / "pc"), "--ae", "truncated or corrupt")
     assert not marker.exists()
 
 
@@ -500,12 +479,12 @@ def _train_one_step(data, out, *extra):
                          "--val-max", "8", *map(str, extra)])
 
 
-def test_corrupt_png_among_good_ones_fails_before_training(tmp_path, data_copy):
+def test_corrupt_png_among_good_ones_fails_before_training(tmp_path, data_copy, cli):
     bad = sorted((data_copy / "keras_png_slices_train").glob("*.png"))[40]
     bad.write_bytes(bad.read_bytes()[:60])  # truncated mid-file
     out = tmp_path / "run"
-    proc = _cli("prestage_train.py", "--preset", "smoke", "--data", data_copy, "--out", out)
-    _assert_one_line_error(proc, f"{bad}: unreadable or corrupt image")
+    proc = cli.run("prestage_train.py", "--preset", "smoke", "--data", data_copy, "--out", out)
+    cli.assert_one_line_error(proc, f"{bad}: unreadable or corrupt image")
     assert not out.exists() and "it/s" not in proc.stdout  # no run directory, no training step
     bad.write_bytes(os.urandom(300))  # random bytes
     with pytest.raises(UserError, match=re.escape(f"{bad}: unreadable or corrupt image")):
@@ -567,7 +546,7 @@ def test_nifti_4d_is_noted_and_5d_fails_before_training(tmp_path, capsys):
 # 5. Outputs: unwritable places are reported before training, runs are never clobbered
 
 
-def test_unwritable_output_is_reported_before_training(tmp_path, tiny_data, vae_run, vqvae_run):
+def test_unwritable_output_is_reported_before_training(tmp_path, tiny_data, vae_run, vqvae_run, cli):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep")
     with pytest.raises(UserError, match=re.escape(f"--out {blocker}/run: cannot write there")):
@@ -579,8 +558,8 @@ def test_unwritable_output_is_reported_before_training(tmp_path, tiny_data, vae_
     with pytest.raises(UserError, match=re.escape(f"--out {blocker}/pc: cannot write there")):
         pixelCNN.main(["train", "--ae", str(vqvae_run / "best.pt"), "--preset", "smoke", "--out", str(blocker / "pc")])
     assert blocker.read_text() == "keep"
-    _assert_one_line_error(_cli("prestage_train.py", "--preset", "smoke", "--data", tiny_data, "--out", blocker),
-                           "is a file, not a folder")
+    cli.assert_one_line_error(cli.run("prestage_train.py", "--preset", "smoke", "--data", tiny_data, "--out",
+                                      blocker), "is a file, not a folder")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
@@ -617,7 +596,7 @@ def test_existing_runs_are_never_overwritten(tmp_path, reference, stage_two_runs
         assert _snapshot(run) == files, f"{run} changed"
 
 
-def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, tiny_data):
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, tiny_data, cli):
     """A checkpoint write that runs out of space (a file-size limit stands in for a full disk): one error line,
     the previous last.pt byte for byte, no temporary file left."""
     import resource
@@ -631,9 +610,8 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    proc = subprocess.run([sys.executable, "prestage_train.py", "--resume", str(run)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=_env(), preexec_fn=small_files)
-    err = _assert_one_line_error(proc, "could not write the checkpoint", "is the disk full?")
+    proc = cli.run("prestage_train.py", "--resume", run, preexec_fn=small_files)
+    err = cli.assert_one_line_error(proc, "could not write the checkpoint", "is the disk full?")
     # (at the last step validation writes best.pt first, so that is the write that fails)
     assert re.match(rf"error: {re.escape(str(run))}/(best|last)\.pt: .*any previous (best|last)\.pt is unchanged", err)
     assert (run / "last.pt").read_bytes() == before and not _tmp_files(run)

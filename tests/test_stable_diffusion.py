@@ -14,51 +14,48 @@ import torch
 from PIL import Image
 
 import dataset
-import evaluation
 import stable_diffusion as sd
+import stage_two
 import util
-from model_diffusion import sample as diffusion_sample
+from model_diffusion import NoiseSchedule, sample as diffusion_sample
+from prestage_train import load_autoencoder
 from util import UserError
 
-from conftest import CADENCE, grid_size as _grid_size  # noqa: E402
-from conftest import assert_one_line_errors, ddp_smoke_train  # noqa: E402
-
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sd(*argv):
     return sd.main([str(a) for a in argv])
 
 
-def _train_ldm(tmp_path_factory, ae_run, name):
+def _load(path):
+    """(EMA UNet, its noise schedule, frozen stage one, checkpoint) of a diffusion checkpoint."""
+    model, ae, ckpt = stage_two.load_prior(sd.PRIOR, path, CPU)
+    return model, NoiseSchedule(ckpt["config"]["schedule"], ckpt["config"]["timesteps"]), ae, ckpt
+
+
+def _generate(model, ae, ckpt, z, guidance, callback=None, clip_x0=None):
+    """DDIM, 5 steps, seed 0, through the shared stage-two generate."""
+    options = dict(sampler="ddim", steps=5, eta=0.0, clip_x0=clip_x0)
+    return stage_two.generate(sd.PRIOR, model, ae, ckpt, z, CPU, guidance, options, seed=0, callback=callback)
+
+
+def _train_ldm(tmp_path_factory, ae_run, name, cli):
     out = tmp_path_factory.mktemp(name) / "run"
-    _sd("train", "--ae", ae_run / "best.pt", "--preset", "smoke", "--out", out, *CADENCE)
+    _sd("train", "--ae", ae_run / "best.pt", "--preset", "smoke", "--out", out, *cli.CADENCE)
     return out
 
 
 @pytest.fixture(scope="session")
-def ldm_vae(tmp_path_factory, vae_run):
+def ldm_vae(tmp_path_factory, vae_run, cli):
     """A smoke latent-diffusion run (6 steps) on the smoke VAE."""
-    return _train_ldm(tmp_path_factory, vae_run, "ldm_vae")
+    return _train_ldm(tmp_path_factory, vae_run, "ldm_vae", cli)
 
 
 @pytest.fixture(scope="session")
-def ldm_vq(tmp_path_factory, vqvae_run):
+def ldm_vq(tmp_path_factory, vqvae_run, cli):
     """A smoke latent-diffusion run on the smoke VQ-VAE's quantised code vectors."""
-    return _train_ldm(tmp_path_factory, vqvae_run, "ldm_vq")
-
-
-@pytest.fixture(scope="module")
-def quick_eval(tmp_path_factory, tiny_data):
-    """evaluation with a z regressor cached in a temp dir (100 steps, not 800) and no Inception/torchvision."""
-    cache = tmp_path_factory.mktemp("zreg")
-    evaluation.z_regressor_for(tiny_data, 32, cache_dir=cache, steps=100, verbose=False)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(evaluation, "CACHE_DIR", cache)
-    mp.setattr(evaluation, "inception_model", lambda: (None, "not loaded in tests"))
-    yield cache
-    mp.undo()
+    return _train_ldm(tmp_path_factory, vqvae_run, "ldm_vq", cli)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +63,7 @@ def quick_eval(tmp_path_factory, tiny_data):
 
 
 @pytest.mark.parametrize("model", ["vae", "vqvae"])
-def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data, model):
+def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data, model, cli):
     run = request.getfixturevalue("ldm_vae" if model == "vae" else "ldm_vq")
     ae_path = request.getfixturevalue(f"{model}_run") / "best.pt"
     best = util.load_checkpoint(run / "best.pt", kind="diffusion")
@@ -75,13 +72,13 @@ def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data,
 
     # The cached latents are what the frozen stage one encodes: re-encode the train split independently.
     cache = torch.load(run / "latents.pt", map_location="cpu", weights_only=True)
-    ae, _ = util.load_autoencoder(ae_path, CPU)
+    ae, _ = load_autoencoder(ae_path, CPU)
     images, z = dataset.load_split(tiny_data, "train", size=32).tensors()
     with torch.no_grad():
         if model == "vae":
-            expected = ae.encode(dataset.to_float(images), z).mode()  # the posterior mean
+            expected = ae.encode(util.to_float(images), z).mode()  # the posterior mean
         else:
-            idx = ae.encode_indices(dataset.to_float(images), z)
+            idx = ae.encode_indices(util.to_float(images), z)
             expected = ae.quantizer.codebook[idx].permute(0, 3, 1, 2)  # the quantised code vectors
     assert cache["train"].shape == expected.shape == (len(images), 4, 16, 16)
     torch.testing.assert_close(cache["train"], expected, atol=1e-5, rtol=1e-5)
@@ -115,13 +112,13 @@ def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data,
     grids = sorted((run / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["sample_0000003.png", "sample_0000006.png"]
     with Image.open(grids[-1]) as im:
-        assert im.size == _grid_size(1, 8)  # 8 z-indices in one row
+        assert im.size == cli.grid_size(1, 8)  # 8 z-indices in one row
 
 
 def test_vq_samples_are_snapped_to_codes_before_decoding(ldm_vq, vqvae_run):
     ckpt = util.load_checkpoint(ldm_vq / "best.pt")
     scale = ckpt["scale_factor"]
-    ae, _ = util.load_autoencoder(vqvae_run / "best.pt", CPU)
+    ae, _ = load_autoencoder(vqvae_run / "best.pt", CPU)
     cache = torch.load(ldm_vq / "latents.pt", map_location="cpu", weights_only=True)
     codes, z = cache["train"][:4], cache["train_z"][:4]
     book = ae.quantizer.codebook.float()
@@ -130,16 +127,16 @@ def test_vq_samples_are_snapped_to_codes_before_decoding(ldm_vq, vqvae_run):
     gen = torch.Generator().manual_seed(0)
     step = torch.randn(codes.shape, generator=gen)
     step = step / step.norm(dim=1, keepdim=True) * 0.25 * d.min()
-    clean = sd.decode_latents(ae, codes * scale, scale, z, CPU)
-    noisy = sd.decode_latents(ae, (codes + step) * scale, scale, z, CPU)
+    clean = stage_two.decode(ae, codes * scale, z, CPU, scale)
+    noisy = stage_two.decode(ae, (codes + step) * scale, z, CPU, scale)
     assert torch.equal(clean, noisy)
     with torch.no_grad():
         assert torch.allclose(clean, ae.decode(codes, z).clamp(-1, 1), atol=1e-6)
         assert not torch.allclose(noisy, ae.decode(codes + step, z).clamp(-1, 1), atol=1e-6)  # unsnapped differs
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, vae_run, capsys):
-    common = ["train", "--ae", vae_run / "best.pt", "--preset", "smoke", *CADENCE, "--steps", 8]
+def test_resume_matches_uninterrupted_run(tmp_path, vae_run, capsys, cli):
+    common = ["train", "--ae", vae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--steps", 8]
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
     _sd(*common, "--out", straight)
     capsys.readouterr()
@@ -171,7 +168,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, vae_run, capsys):
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5), ("dpmpp", 5)])
-def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sampler, steps):
+def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sampler, steps, cli):
     base = ["sample", "--ckpt", ldm_vae / "best.pt", "--sampler", sampler, "--n", 2, "--z", "0,5,9", "--device", "cpu"]
     base += ["--steps", steps] if steps else []
     _sd(*base, "--seed", 3, "--out", tmp_path / "a.png", "--gif", tmp_path / "a.gif")
@@ -179,9 +176,9 @@ def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sam
     assert re.search(rf"6 samples \({sampler}, {steps or 100} steps, guidance 1.0\) in [\d.]+s: [\d.]+ ms per image",
                      out)
     with Image.open(tmp_path / "a.png") as im:
-        assert im.size == _grid_size(2, 3)  # rows = --n, columns = z-indices
+        assert im.size == cli.grid_size(2, 3)  # rows = --n, columns = z-indices
     with Image.open(tmp_path / "a.gif") as gif:
-        assert gif.n_frames > 1 and gif.size == _grid_size(1, 6)
+        assert gif.n_frames > 1 and gif.size == cli.grid_size(1, 6)
     _sd(*base, "--seed", 3, "--out", tmp_path / "b.png")
     _sd(*base, "--seed", 4, "--out", tmp_path / "c.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -189,7 +186,7 @@ def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sam
 
 
 def test_ddim_eta0_is_deterministic_given_the_start_noise(ldm_vae):
-    model, schedule, _, ckpt = sd.load_diffusion(ldm_vae / "best.pt", CPU)
+    model, schedule, _, ckpt = _load(ldm_vae / "best.pt")
     x_T = torch.randn(3, *ckpt["latent_shape"], generator=torch.Generator().manual_seed(0))
     z = torch.tensor([0, 5, 9])
 
@@ -201,21 +198,21 @@ def test_ddim_eta0_is_deterministic_given_the_start_noise(ldm_vae):
     assert not torch.allclose(run(1.0, 0), run(1.0, 1))
 
 
-def test_guidance_runs_and_changes_the_samples(ldm_vae, tmp_path, capsys):
+def test_guidance_runs_and_changes_the_samples(ldm_vae, tmp_path, capsys, cli):
     _sd("sample", "--ckpt", ldm_vae / "best.pt", "--steps", 5, "--z", "0,16", "--guidance", 2,
         "--out", tmp_path / "g.png")
     assert "guidance 2.0" in capsys.readouterr().out
     with Image.open(tmp_path / "g.png") as im:
-        assert im.size == _grid_size(1, 2)
-    model, schedule, ae, ckpt = sd.load_diffusion(ldm_vae / "best.pt", CPU)
+        assert im.size == cli.grid_size(1, 2)
+    model, schedule, ae, ckpt = _load(ldm_vae / "best.pt")
     z = torch.tensor([0, 16])
-    plain, _ = sd.generate(model, schedule, ae, ckpt, z, CPU, "ddim", 5, 0.0, 1.0, seed=0)
-    guided, _ = sd.generate(model, schedule, ae, ckpt, z, CPU, "ddim", 5, 0.0, 2.0, seed=0)
+    plain, _ = _generate(model, ae, ckpt, z, 1.0)
+    guided, _ = _generate(model, ae, ckpt, z, 2.0)
     assert plain.shape == guided.shape == (2, 1, 32, 32) and not torch.equal(plain, guided)
 
 
 def test_x0_clip_defaults_to_training_latent_range(ldm_vae, tmp_path):
-    model, schedule, ae, ckpt = sd.load_diffusion(ldm_vae / "best.pt", CPU)
+    model, schedule, ae, ckpt = _load(ldm_vae / "best.pt")
     cache = torch.load(ldm_vae / "latents.pt", weights_only=True)
     expected = (cache["train"].float() * ckpt["scale_factor"]).abs().max().item()
     assert ckpt["config"]["x0_clip"] == pytest.approx(expected)
@@ -225,15 +222,15 @@ def test_x0_clip_defaults_to_training_latent_range(ldm_vae, tmp_path):
     def record(i, n, x_t, x0_pred):
         seen.append(x0_pred.abs().max().item())
 
-    sd.generate(model, schedule, ae, ckpt, z, CPU, "ddim", 5, 0.0, 1.0, seed=0, callback=record, clip_x0=expected)
+    _generate(model, ae, ckpt, z, 1.0, callback=record, clip_x0=expected)
     assert max(seen) <= expected + 1e-5
-    args = sd.parse_args(["sample", "--ckpt", str(ldm_vae / "best.pt")])
-    assert sd.clip_for(args, ckpt["config"]) == pytest.approx(expected)
+    args = stage_two.parse_args(sd.PRIOR, ["sample", "--ckpt", str(ldm_vae / "best.pt")])
+    assert sd.PRIOR.sample_options(args, ckpt["config"])["clip_x0"] == pytest.approx(expected)
     args.clip_x0 = 0.0
-    assert sd.clip_for(args, ckpt["config"]) is None  # 0 switches clipping off
+    assert sd.PRIOR.sample_options(args, ckpt["config"])["clip_x0"] is None  # 0 switches clipping off
     args.clip_x0 = -1.0
     with pytest.raises(UserError, match="--clip-x0 -1.0: must be >= 0"):
-        sd.clip_for(args, ckpt["config"])
+        sd.PRIOR.sample_options(args, ckpt["config"])
 
 
 def test_evaluate_writes_metrics_json(ldm_vae, tmp_path, quick_eval):
@@ -301,13 +298,13 @@ def test_overwrite_with_other_data_rebuilds_the_latent_cache(tmp_path, ldm_vae, 
     assert json.loads((run / "config.json").read_text())["data"] == str(other.resolve())
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, ldm_vae):
+def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, ldm_vae, cli):
     cases = [
         (["train", "--preset", "smoke", "--out", tmp_path / "x"], "train needs --ae"),
         (["sample", "--ckpt", vae_run / "best.pt", "--out", tmp_path / "s.png"], "expected diffusion"),
         (["sample", "--ckpt", ldm_vae / "best.pt", "--z", "0..40", "--out", tmp_path / "s.png"], "must lie in 0..31"),
     ]
-    assert_one_line_errors("stable_diffusion.py", cases)
+    cli.one_line_errors("stable_diffusion.py", cases)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +312,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, vae_run, ldm_vae):
 
 
 @pytest.mark.ddp
-def test_ddp_two_processes_gloo(tmp_path, vae_run):
-    records = ddp_smoke_train("stable_diffusion.py", vae_run / "best.pt", tmp_path / "ddp", "diffusion")
+def test_ddp_two_processes_gloo(tmp_path, vae_run, cli):
+    records = cli.ddp_smoke_train("stable_diffusion.py", vae_run / "best.pt", tmp_path / "ddp", "diffusion")
     assert [r["step"] for r in records if "loss/diffusion" in r] == [2, 4, 6]  # rank 0 logs alone, once per step
     assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
     rates = [r["latents_per_s"] for r in records if "latents_per_s" in r]

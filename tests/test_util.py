@@ -128,15 +128,6 @@ def test_image_grid_layout_and_gif(tmp_path):
     assert Image.open(path).n_frames == 2
 
 
-def test_parse_z_spec():
-    assert util.parse_z_spec("0..3", 32) == [0, 1, 2, 3]
-    assert util.parse_z_spec("5,7", 32) == [5, 7]
-    with pytest.raises(UserError, match="must lie in 0..31"):
-        util.parse_z_spec("30..33", 32)
-    with pytest.raises(UserError, match="expected a range"):
-        util.parse_z_spec("a..b", 32)
-
-
 def test_save_json_atomic(tmp_path):
     util.save_json({"a": 1}, tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text()) == {"a": 1}

@@ -1,0 +1,383 @@
+"""The contract between a frozen stage one and any stage-two prior: what `stable_diffusion.py` and
+`pixelCNN.py` share.
+
+A prior script describes itself in a `Prior` (its hyperparameters and presets, its Task, how to build its
+network from a config and how to draw latents or code grids for given z-indices); everything else is here:
+- loading the frozen stage one, and the hash check that it is the file the prior was trained on;
+- the cache of the train and validate splits, encoded once by the frozen stage one (latents or codes);
+- decoding what a prior draws (latents, snapped to the nearest codes for a VQ-VAE, or code grids);
+- the command line: `train`, `sample` and `evaluate` sub-commands, their shared flags and checks.
+
+Data flows one way: dataset -> stage one (prestage_train) -> this module -> the prior scripts.
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import dataset
+import evaluation
+import trainer as tr
+import util
+from prestage_train import load_autoencoder
+from util import UserError
+
+
+class Prior:
+    """What one stage-two prior tells the shared commands; each prior script subclasses it once."""
+
+    name = None          # in messages: "PixelCNN", "latent diffusion model"
+    kind = None          # its checkpoint kind
+    stage = None         # config stage, and runs/<stage>-<preset> by default
+    cache_what = None    # what the cache holds: "latent" (continuous) or "indices" (VQ codes)
+    cache_file = None    # the cache's name in the run directory
+    needs_codes = False  # True: the stage one must be a VQ-VAE
+    weights = "model"    # the state dict that sample/evaluate use ("ema" where one is kept)
+    gif = False          # sample --gif: the sampler reports x0 predictions along the way
+    hypers, presets, task, doc = [], {}, None, None
+
+    def complete_config(self, config, cache, ae):
+        """Settings derived from the cache and the stage one (latent shape, scale factor, grid, ...)."""
+
+    def build(self, config):
+        """The untrained network of a config."""
+        raise NotImplementedError
+
+    def add_sample_args(self, parser, command):
+        """The prior's own sample/evaluate flags (command is 'sample' or 'evaluate')."""
+
+    def sample_options(self, args, config):
+        """Check the prior's own sample flags; returns what `draw` takes."""
+        return {}
+
+    def describe(self, options):
+        """(text for the sample line, fields for the metrics JSON) of these options."""
+        raise NotImplementedError
+
+    def draw(self, model, config, z, generator, guidance, options, callback=None):
+        """Latents [B, C, h, w] (scaled as in training) or code grids [B, h, w] for z-indices z [B] (on the
+        model's device; -1 = unknown)."""
+        raise NotImplementedError
+
+
+def prior_hypers(**loop):
+    """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs) and the
+    loop's, with the prior's `full` values (see trainer.loop_hypers)."""
+    return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition (classifier-free guidance)", "loss"),
+            *tr.loop_hypers(**loop)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen stage one
+
+
+def load_stage_one(prior, path, device, flag="--ae"):
+    """The frozen stage-one model and its checkpoint; a prior over codes refuses a VAE."""
+    ae, ckpt = load_autoencoder(path, device, flag=flag)
+    if prior.needs_codes and ckpt["model_type"] != "vqvae":
+        raise UserError(f"{flag} {ckpt['_path']}: is a {ckpt['model_type'].upper()} checkpoint; the {prior.name} "
+                        f"models discrete codes and needs a VQ-VAE (train one with prestage_train.py --model vqvae, "
+                        f"or use stable_diffusion.py for a VAE)")
+    return ae, ckpt
+
+
+def recorded_ae_flag(ckpt):
+    """How an error names the stage-one path a stage-two checkpoint recorded (relative to where it was
+    trained): points the user at --ae, which overrides it."""
+    return f"--ae not given, and the stage-one checkpoint recorded in {ckpt['_path']},"
+
+
+def encode(ae, images_u8, z, device, what):
+    """Latents ("latent") or code indices ("indices") of uint8 slices by the frozen stage one, on the CPU."""
+    if what == "indices":
+        return util.map_batches(lambda x, zz: ae.encode_indices(util.to_float(x), zz), (images_u8, z), device)
+    return util.map_batches(lambda x, zz: ae.encode_latent(util.to_float(x), zz).float(), (images_u8, z), device)
+
+
+def decode(ae, samples, z, device, scale=1.0):
+    """Slices in [-1, 1] from code grids (integer) or latents (float, `scale` times the stage-one latents, as
+    the prior learnt them); a VQ-VAE's latents are snapped to their nearest codes before decoding."""
+    def one(s, zz):
+        if not s.is_floating_point():
+            return ae.decode_indices(s, zz)
+        latent = s / scale
+        return ae.decode(ae.quantize_latent(latent) if ae.kind == "vqvae" else latent, zz)
+
+    return util.map_batches(lambda s, zz: one(s, zz).float().clamp(-1, 1), (samples, z), device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache of encoded splits
+
+
+def load_cache(path, ae_sha256):
+    """A latent/code cache written for this exact stage-one file, or None (missing, stale or corrupt)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
+        return None
+    return cache if isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 else None
+
+
+def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
+    """Encode the train and validate splits once with the frozen stage one. Reused on resume when it was
+    built by the same stage-one file from the same data; rebuilt otherwise. `write` is False on ranks > 0."""
+    ae_hash = util.file_sha256(ae_ckpt["_path"])
+    size = ae_ckpt["config"]["size"]
+    wanted = config.get("data") or ae_ckpt["config"].get("data")
+    wanted_path = Path(wanted) if wanted else dataset.default_data_dir(size)
+    cached = load_cache(cache_path, ae_hash)
+    if cached is not None and cached.get("data") and Path(cached["data"]).resolve() == wanted_path.resolve():
+        return cached  # a cache of other data (a run redone with another --data) is rebuilt below
+    data_path = dataset.ensure_dataset(wanted, size)
+    splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"))
+    t0 = time.perf_counter()
+    # The absolute path: sample/evaluate may run from another working directory.
+    cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
+             "num_z": max(splits["train"].num_z, 1)}
+    for name, split in splits.items():
+        images, z = split.tensors()
+        cache[name] = encode(ae, images, z, device, what)
+        cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
+    print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train + "
+          f"{len(cache['validate'])} validate slices in {time.perf_counter() - t0:.1f}s -> "
+          f"{tuple(cache['train'].shape[1:])} per slice")
+    if write:
+        util.save_checkpoint(cache, cache_path)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class PriorTask(tr.Task):
+    """What every prior's Task has: its seeded network, AdamW, the validate split, the frozen stage one."""
+
+    def __init__(self, prior, config, device, ae, cache):
+        super().__init__()
+        self.prior, self.config, self.device, self.ae = prior, config, device, ae
+        torch.manual_seed(config["seed"])
+        self.model = prior.build(config).to(device)
+        self.models = {"model": self.model}
+        self.optimizers = {"opt": torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0)}
+        self.val_data, self.val_z = cache["validate"], cache["validate_z"]
+
+    def extra_state(self):
+        return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"]}
+
+    def optimizer_step(self, loss):
+        """Backward and one AdamW step."""
+        opt = self.optimizers["opt"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def save_preview(self, model, step, run_dir, generator, options):
+        """Decode one draw of `model` for eight z-indices spread bottom to top into run_dir/samples."""
+        cfg = self.config
+        zs = list(range(0, cfg["num_z"], max(1, cfg["num_z"] // 8)))[:8] if cfg["conditional"] else [-1] * 8
+        z = torch.tensor(zs)
+        drawn = self.prior.draw(model, cfg, z.to(self.device), generator, 1.0, options)
+        images = decode(self.ae, drawn, z, self.device, cfg.get("scale_factor", 1.0))
+        util.save_image_grid(images, run_dir / "samples" / f"sample_{step:07d}.png", nrow=len(zs))
+
+
+def train(prior, args):
+    """`train`: encode the splits once with the frozen stage one, then fit the prior on them."""
+    config = tr.resolve_config(args, prior.hypers, prior.presets, prior.stage, exclude=("command",))
+    rank, world, device = tr.setup_distributed(config.get("device") or "auto")
+    if not config.get("ae"):
+        raise UserError(f"train needs --ae PATH (a{' VQ-VAE' if prior.needs_codes else ''} stage-one checkpoint "
+                        f"such as runs/stage1-demo/best.pt)")
+    ae, ae_ckpt = load_stage_one(prior, config["ae"], device)
+    config["ae"] = ae_ckpt["_path"]
+    if rank == 0:
+        print(f"preset: {config['preset']}; stage one: {ae_ckpt['model_type']} from {config['ae']}")
+    out = Path(config["out"])
+    tr.claim_run_dir(args, out, rank)  # before encoding, which would replace an existing run's cache
+    cache = build_cache(ae, ae_ckpt, config, device, prior.cache_what, out / prior.cache_file, write=rank == 0)
+    config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"],
+                  conditional=bool((cache["train_z"] >= 0).any()))
+    prior.complete_config(config, cache, ae)
+    if args.dry_run:
+        tr.print_config(config)
+        return 0
+    task = prior.task(prior, config, device, ae, cache)
+    if rank == 0:
+        shape = list(cache["train"].shape[1:])
+        print(f"{prior.cache_what} shape {shape}; {prior.name} "
+              f"{sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
+    return tr.train_and_report(task, config, (cache["train"], cache["train_z"]), args, rank, world, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and evaluation
+
+
+def load_prior(prior, path, device, ae_override=None):
+    """The trained prior (eval mode), its frozen stage one and its checkpoint dict."""
+    ckpt = util.load_checkpoint(path, kind=prior.kind)
+    try:
+        model = prior.build(ckpt["config"])
+        model.load_state_dict(ckpt[prior.weights])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config "
+                        f"({str(err).splitlines()[0][:160]})") from None
+    if not (ae_override or ckpt.get("ae_path")):
+        raise UserError(f"--ckpt {ckpt['_path']}: records no stage-one checkpoint; pass --ae PATH")
+    flag = "--ae" if ae_override else recorded_ae_flag(ckpt)
+    ae, ae_ckpt = load_stage_one(prior, ae_override or ckpt["ae_path"], device, flag)
+    if util.file_sha256(ae_ckpt["_path"]) != ckpt.get("ae_sha256"):
+        print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
+    return model.to(device).eval(), ae, ckpt
+
+
+def parse_z_spec(text, num_z, flag="--z"):
+    """'0..31' (inclusive range), '5', or '0,8,16' -> list of ints, each checked against num_z."""
+    try:
+        if ".." in text:
+            lo, hi = (int(v) for v in text.split(".."))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected a range like 0..31 or a list like 0,8,16") from None
+    bad = [v for v in values if not 0 <= v < max(num_z, 1)]
+    if not values or bad:
+        raise UserError(f"{flag} {text}: z-indices must lie in 0..{max(num_z, 1) - 1} for this model")
+    return values
+
+
+def sample_grid_z(zs, n):
+    """z for n rows of one sample per requested z-index (row-major: a row reads bottom to top)."""
+    return torch.tensor(zs * n, dtype=torch.long)
+
+
+def check_guidance(guidance, config):
+    """The guidance scale: finite and >= 0; other than 1 only for a z-conditioned prior trained with
+    --p-uncond > 0 (else the null-condition output it mixes in was never learnt)."""
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"--guidance {guidance}: must be a finite number >= 0 (1: conditional only)")
+    if guidance != 1.0 and not (config["conditional"] and config.get("p_uncond", 0) > 0):
+        raise UserError(f"--guidance {guidance}: this prior was trained without condition dropout "
+                        f"(conditional={config['conditional']}, p_uncond={config.get('p_uncond', 0)}); "
+                        f"use --guidance 1")
+    return guidance
+
+
+def generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_size=64, callback=None):
+    """Draw for each z (in batches) and decode; returns images [N, 1, H, W] and the seconds taken."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    drawn = [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
+                        callback if i == 0 else None) for i in range(0, len(z), batch_size)]
+    images = decode(ae, torch.cat(drawn), z, device, ckpt.get("scale_factor", 1.0))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - t0
+
+
+def gif_recorder(ae, ckpt, z, device, max_frames=40):
+    """A sampler callback that decodes the predicted x0 at evenly spaced steps into GIF frames."""
+    frames = []
+
+    def callback(i, num_steps, x_t, x0_pred):
+        every = max(1, num_steps // max_frames)
+        if i % every == 0 or i == num_steps - 1:
+            imgs = decode(ae, x0_pred.float(), z[:len(x0_pred)], device, ckpt["scale_factor"])
+            frames.append(util.image_grid(imgs, nrow=min(len(imgs), 8)))
+
+    return frames, callback
+
+
+def prepare_sampling(prior, args):
+    """Checks shared by sample and evaluate, the loaded prior, and its checked options."""
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError(f"--n {args.n} --batch-size {args.batch_size}: both must be at least 1")
+    device = util.pick_device(args.device)
+    model, ae, ckpt = load_prior(prior, args.ckpt, device, args.ae)
+    options = prior.sample_options(args, ckpt["config"])
+    check_guidance(args.guidance, ckpt["config"])
+    return device, model, ae, ckpt, options
+
+
+def sample_cmd(prior, args):
+    """`sample`: a PNG grid, a row per sample and a column per requested z-index."""
+    device, model, ae, ckpt, options = prepare_sampling(prior, args)
+    config = ckpt["config"]
+    zs = parse_z_spec(args.z, config["num_z"]) if config["conditional"] else [-1]
+    z = sample_grid_z(zs, args.n)
+    out = Path(args.out)
+    util.check_writable(out.parent, "--out")
+    frames, callback = gif_recorder(ae, ckpt, z, device) if getattr(args, "gif", None) else ([], None)
+    images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed,
+                               args.batch_size, callback)
+    util.save_image_grid(images, out, nrow=len(zs))
+    text, _ = prior.describe(options)
+    print(f"{len(images)} samples ({text}, guidance {args.guidance}) in {seconds:.2f}s: "
+          f"{seconds / len(images) * 1000:.1f} ms per image -> {out}")
+    if frames:
+        util.save_gif(frames, args.gif)
+        print(f"denoising GIF ({len(frames)} frames of decoded x0 predictions) -> {args.gif}")
+    return 0
+
+
+def evaluate_cmd(prior, args):
+    """`evaluate`: n samples per z-index scored against real validate slices (see evaluation.py)."""
+    device, model, ae, ckpt, options = prepare_sampling(prior, args)
+    config = ckpt["config"]
+    zs = list(range(config["num_z"])) if config["conditional"] else [-1]
+    z = sample_grid_z(zs, args.n)
+    images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed, args.batch_size)
+    metrics = evaluation.evaluate_samples(images, z, config["data"])
+    metrics.update(prior.describe(options)[1], guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
+    evaluation.report(metrics, args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(prior, argv):
+    """train | sample | evaluate sub-commands of a prior script."""
+    p = argparse.ArgumentParser(description=prior.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help=f"train the {prior.name} on a frozen stage-one model")
+    groups = tr.add_common_args(t, prior.hypers, prior.presets)
+    groups["run"].add_argument("--ae", default=None, help="stage-one checkpoint (runs/NAME/best.pt)")
+    groups["run"].add_argument("--data", default=None, help="dataset (default: the one stage one was trained on)")
+    for command, text in (("sample", "sample slices for chosen z-indices"),
+                          ("evaluate", "generation metrics against real validate slices")):
+        s = sub.add_parser(command, help=text)
+        s.add_argument("--ckpt", required=True, help=f"{prior.name} checkpoint (runs/NAME/best.pt)")
+        s.add_argument("--ae", default=None, help="override the stage-one checkpoint recorded in --ckpt")
+        s.add_argument("--n", type=int, default=1 if command == "sample" else 4, help="samples per z-index")
+        s.add_argument("--guidance", type=float, default=1.0,
+                       help="classifier-free guidance scale (1: conditional only; above 1 follows z more closely, "
+                            "at twice the cost)")
+        s.add_argument("--seed", type=int, default=0, help="sampling seed")
+        s.add_argument("--batch-size", type=int, default=64, help="samples drawn at once")
+        s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        prior.add_sample_args(s, command)
+        if command == "sample":
+            s.add_argument("--z", default="0..31", help="z-indices: a range 0..31, or a list 0,8,16")
+            s.add_argument("--out", default=f"samples_{prior.kind}.png",
+                           help="PNG grid: a row per sample, a column per z-index")
+            if prior.gif:
+                s.add_argument("--gif", default=None, help="also write the denoising process (decoded x0 predictions)")
+        else:
+            s.add_argument("--out", default=None, help="write the metrics as JSON here")
+    return p.parse_args(argv)
+
+
+def main(prior, argv=None):
+    """Dispatch a prior script's sub-command."""
+    args = parse_args(prior, argv)
+    return {"train": train, "sample": sample_cmd, "evaluate": evaluate_cmd}[args.command](prior, args)

@@ -1,0 +1,250 @@
+"""Tests of the gated PixelCNN prior (model_pixelCNN.py): causality, no blind spot, incremental sampling, losses."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model_pixelCNN
+from model_pixelCNN import GatedPixelCNN, bits_per_code, code_loss, sample_codes
+
+
+def small_model(seed=0, **kwargs):
+    """A small random model (float32, eval mode) for structural tests."""
+    torch.manual_seed(seed)
+    cfg = dict(n_codes=16, hidden=16, n_layers=2, kernel_size=3)
+    cfg.update(kwargs)
+    return GatedPixelCNN(**cfg).eval()
+
+
+def dependency_map(model, shape, i, j, z=None):
+    """Boolean [h, w]: which input positions the logits at (i, j) have a non-zero gradient with respect to."""
+    torch.manual_seed(1)
+    x = torch.randn(1, model.config["hidden"], *shape, requires_grad=True)
+    z = torch.tensor([5]) if z is None else z
+    logits = model.forward_embedded(x, z)
+    # A random projection of the K logits, so no accidental cancellation of a real dependency.
+    (logits[0, :, i, j] * torch.randn(model.n_codes)).sum().backward()
+    return x.grad[0].abs().sum(0) != 0
+
+
+def expected_dependencies(shape, i, j, n_layers, kernel_size):
+    """Receptive field of a blind-spot-free gated PixelCNN: full-width band of rows above, codes left in the row."""
+    reach = n_layers * (kernel_size // 2)
+    dep = torch.zeros(shape, dtype=torch.bool)
+    for r in range(max(0, i - reach - 1), i):
+        dep[r, max(0, j - reach): j + reach + 1] = True
+    dep[i, max(0, j - reach): j] = True
+    return dep
+
+
+# ------------------------------------------------------------------------------------------
+# Structure
+
+
+def test_shapes_and_config_roundtrip():
+    model = small_model(n_codes=11, hidden=8, n_layers=3, kernel_size=5)
+    indices = torch.randint(0, 11, (3, 5, 7))
+    logits = model(indices, torch.tensor([0, 31, -1]))
+    assert logits.shape == (3, 11, 5, 7)
+    rebuilt = GatedPixelCNN(**json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt.eval()(indices, torch.tensor([0, 31, -1])), logits)
+    unconditional = GatedPixelCNN(11, hidden=8, n_layers=2, conditional=False)
+    assert unconditional(indices).shape == (3, 11, 5, 7)
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError):
+        GatedPixelCNN(16, kernel_size=4)
+    with pytest.raises(ValueError):
+        sample_codes(small_model(), (4, 4), z=None)
+
+
+@pytest.mark.parametrize("n_layers,kernel_size,shape",
+                         [(2, 3, (10, 10)), (3, 5, (12, 13)), (2, 7, (11, 12)), (12, 5, (16, 16))])
+def test_causality_and_receptive_field(n_layers, kernel_size, shape):
+    model = small_model(n_layers=n_layers, kernel_size=kernel_size)
+    h, w = shape
+    positions = [(0, 0), (0, w - 1), (1, 0), (h - 1, 0), (h - 1, w - 1), (h // 2, w // 2), (h // 2, w - 2)]
+    for i, j in positions:
+        dep = dependency_map(model, shape, i, j)
+        future = torch.zeros(shape, dtype=torch.bool).view(-1)
+        future[i * w + j:] = True  # the current position and everything after it in raster order
+        assert not (dep & future.view(shape)).any(), f"({i},{j}) sees itself or the future"
+        assert torch.equal(dep, expected_dependencies(shape, i, j, n_layers, kernel_size)), f"({i},{j})"
+        if (i, j) != (0, 0):
+            assert dep.any()
+
+
+def test_no_blind_spot():
+    # The original masked PixelCNN with 3x3 masks never sees (i-1, j+2) nor further right in the rows above.
+    model = small_model(n_layers=2, kernel_size=3)
+    i, j = 4, 3
+    dep = dependency_map(model, (8, 8), i, j)
+    assert dep[i - 1, j + 2] and dep[i - 2, j + 2] and dep[i - 1, j + 1] and dep[i, j - 1]
+    assert not dep[i, j] and not dep[i, j + 1]
+
+
+@pytest.mark.parametrize("n_layers,kernel_size,shape", [(2, 3, (9, 11)), (3, 5, (7, 6))])
+def test_incremental_cache_matches_forward(n_layers, kernel_size, shape):
+    # The grid is larger than the receptive field in the first case, so the caches' cropping matters.
+    model = small_model(n_layers=n_layers, kernel_size=kernel_size)
+    indices = torch.randint(0, 16, (2, *shape))
+    z = torch.tensor([3, -1])
+    with torch.no_grad():
+        full = model(indices, z)
+        cache = model_pixelCNN._RasterCache(model, model.embed(indices), model.condition(z, 2))
+        for i in range(shape[0]):
+            cache.start_row(i)
+            for j in range(shape[1]):
+                torch.testing.assert_close(cache.logits_at(j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
+
+
+def naive_sample(model, shape, z, temperature, generator, guidance=1.0):
+    """Reference sampler: the whole network on the whole grid for every position."""
+    codes = torch.zeros(z.shape[0], *shape, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                logits = model(codes, z)[:, :, i, j]
+                if guidance != 1.0:
+                    uncond = model(codes, torch.full_like(z, -1))[:, :, i, j]
+                    logits = uncond + guidance * (logits - uncond)
+                codes[:, i, j] = model_pixelCNN._draw(logits, temperature, generator)
+    return codes
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_fast_sampler_matches_naive_sampler(guidance):
+    model = small_model(n_layers=2, kernel_size=3)
+    z = torch.tensor([0, 7, 30, -1])
+    fast = sample_codes(model, (6, 7), z, 1.0, torch.Generator().manual_seed(3), guidance=guidance)
+    slow = naive_sample(model, (6, 7), z, 1.0, torch.Generator().manual_seed(3), guidance=guidance)
+    assert torch.equal(fast, slow)
+
+
+def test_guidance_zero_is_unconditional():
+    model = small_model(n_layers=3, kernel_size=3)
+    z = torch.tensor([2, 20])
+    guided = sample_codes(model, (5, 5), z, temperature=0.0, guidance=0.0)
+    null = sample_codes(model, (5, 5), torch.tensor([-1, -1]), temperature=0.0)
+    conditional = sample_codes(model, (5, 5), z, temperature=0.0)
+    assert torch.equal(guided, null)
+    assert not torch.equal(conditional, null)
+
+
+def test_greedy_sample_is_a_fixed_point_of_forward():
+    model = small_model(n_layers=4, kernel_size=5)
+    z = torch.tensor([1, 12, 25])
+    codes = sample_codes(model, (8, 8), z, temperature=0.0)
+    with torch.no_grad():
+        assert torch.equal(model(codes, z).argmax(1), codes)
+
+
+def test_sampling_restores_training_mode_and_threads():
+    model = small_model(dropout=0.5).train()
+    pinned = torch.get_num_threads()  # the conftest `one_thread` pin, restored below
+    torch.set_num_threads(2)
+    try:
+        sample_codes(model, (3, 3), torch.tensor([4]), num_threads=1)
+        assert model.training
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(pinned)
+
+
+# ------------------------------------------------------------------------------------------
+# Condition and losses
+
+
+def test_z_condition_changes_logits():
+    model = small_model()
+    indices = torch.randint(0, 16, (1, 6, 6)).repeat(3, 1, 1)
+    with torch.no_grad():
+        logits = model(indices, torch.tensor([3, 20, -1]))
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
+    assert (logits[0] - logits[2]).abs().max() > 1e-4
+    unconditional = GatedPixelCNN(16, hidden=16, n_layers=2, kernel_size=3, conditional=False).eval()
+    with torch.no_grad():
+        plain = unconditional(indices, torch.tensor([3, 20, -1]))
+    torch.testing.assert_close(plain[0], plain[1], rtol=0, atol=0)
+
+
+def test_bits_per_code_matches_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10, 5, 6) * 3
+    targets = torch.randint(0, 10, (4, 5, 6))
+    expected = F.cross_entropy(logits, targets) / math.log(2)
+    torch.testing.assert_close(bits_per_code(logits, targets), expected)
+    uniform = torch.zeros(2, 8, 3, 3)
+    torch.testing.assert_close(bits_per_code(uniform, torch.zeros(2, 3, 3, dtype=torch.long)), torch.tensor(3.0))
+
+
+def test_code_loss_and_condition_dropout():
+    model = small_model()
+    indices = torch.randint(0, 16, (3, 6, 6))
+    z = torch.tensor([1, 2, 3])
+    loss, bits = code_loss(model, indices, z)
+    torch.testing.assert_close(bits, loss.detach() / math.log(2))
+    torch.testing.assert_close(bits, bits_per_code(model(indices, z), indices))
+    dropped, _ = code_loss(model, indices, z, p_uncond=1.0)
+    null, _ = code_loss(model, indices, torch.full_like(z, -1))
+    torch.testing.assert_close(dropped, null)
+    assert (dropped - loss).abs() > 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# Learning and temperature (one small model overfits four grids)
+
+
+GRID_Z = torch.tensor([2, 9, 17, 28])
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """A small model trained to memorise four random 8x8 grids with K=16, one per z-index."""
+    torch.manual_seed(0)
+    grids = torch.randint(0, 16, (4, 8, 8))
+    model = GatedPixelCNN(16, hidden=32, n_layers=4, kernel_size=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        loss, _ = code_loss(model, grids, GRID_Z)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = loss.item() if first is None else first
+    return model.eval(), grids, first, loss.item()
+
+
+def test_overfits_and_greedy_sampling_reproduces_grids(overfit):
+    model, grids, first, last = overfit
+    assert first > 0.8 * math.log(16)
+    assert last < 0.05 * math.log(16)
+    codes = sample_codes(model, (8, 8), GRID_Z, temperature=0.0)
+    assert torch.equal(codes, grids)
+    assert torch.equal(sample_codes(model, (8, 8), GRID_Z.flip(0), temperature=0.0), grids.flip(0))
+
+
+def sample_entropy(codes, n_codes):
+    """Mean over positions of the empirical entropy (nats) of the sampled codes across the batch."""
+    onehot = F.one_hot(codes, n_codes).float().mean(0)  # [h, w, K] frequencies
+    return -(onehot * torch.log(onehot.clamp(min=1e-12))).sum(-1).mean().item()
+
+
+def test_temperature_and_generator(overfit):
+    model = overfit[0]
+    z = GRID_Z[1].repeat(64)
+    greedy = sample_codes(model, (8, 8), z, temperature=0.0, generator=torch.Generator().manual_seed(0))
+    tiny = sample_codes(model, (8, 8), z, temperature=1e-6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy, tiny)
+    assert sample_entropy(greedy, 16) == 0.0
+    cold = sample_codes(model, (8, 8), z, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    hot = sample_codes(model, (8, 8), z, temperature=3.0, generator=torch.Generator().manual_seed(0))
+    assert sample_entropy(hot, 16) > sample_entropy(cold, 16) + 1.0
+    again = sample_codes(model, (8, 8), z, temperature=3.0, generator=torch.Generator().manual_seed(0))
+    other = sample_codes(model, (8, 8), z, temperature=3.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hot, again)
+    assert not torch.equal(hot, other)

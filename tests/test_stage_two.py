@@ -1,0 +1,72 @@
+"""stage_two.py: the contract shared by the two priors (z specs, guidance checks, decoding, the v-prediction x0)."""
+import pytest
+import torch
+
+import pixelCNN
+import stable_diffusion as sd
+import stage_two
+from model_diffusion import NoiseSchedule, guided
+from util import UserError
+
+
+def test_parse_z_spec():
+    assert stage_two.parse_z_spec("0..3", 32) == [0, 1, 2, 3]
+    assert stage_two.parse_z_spec("5,7", 32) == [5, 7]
+    with pytest.raises(UserError, match="must lie in 0..31"):
+        stage_two.parse_z_spec("30..33", 32)
+    with pytest.raises(UserError, match="expected a range"):
+        stage_two.parse_z_spec("a..b", 32)
+
+
+def test_sample_grid_z_reads_row_by_row():
+    assert stage_two.sample_grid_z([0, 5, 9], 2).tolist() == [0, 5, 9, 0, 5, 9]
+
+
+@pytest.mark.parametrize("config, guidance, message", [
+    (dict(conditional=True, p_uncond=0.1), float("nan"), "must be a finite number >= 0"),
+    (dict(conditional=True, p_uncond=0.1), -1.0, "must be a finite number >= 0"),
+    (dict(conditional=True, p_uncond=0.0), 2.0, "trained without condition dropout"),
+    (dict(conditional=False, p_uncond=0.1), 2.0, "trained without condition dropout"),
+])
+def test_guidance_is_refused_where_it_cannot_work(config, guidance, message):
+    with pytest.raises(UserError, match=message):
+        stage_two.check_guidance(guidance, config)
+    assert stage_two.check_guidance(1.0, config) == 1.0  # conditional only: always fine
+
+
+@pytest.mark.parametrize("prior", [sd.PRIOR, pixelCNN.PRIOR])
+def test_each_prior_declares_every_preset_value_once(prior):
+    names = [h.name for h in prior.hypers]
+    assert len(names) == len(set(names))
+    for diff in prior.presets.values():
+        assert set(diff) <= set(names)
+    assert prior.presets["full"] == {}  # full is the declared defaults; the others are differences
+
+
+def test_v_prediction_x0_skips_the_division_by_alpha():
+    # A "model" whose v is the exact v of a known x0 and noise: x0 must come back to float32 precision at every
+    # t, also at t = T-1 where alpha ~ 6e-3 (linear, T=1000); through eps, (x_t - sigma eps) / alpha amplifies
+    # the rounding of v by 1 / alpha.
+    schedule = NoiseSchedule("linear", 1000)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(64, 4, 8, 8, generator=gen), torch.randn(64, 4, 8, 8, generator=gen)
+    t = torch.full((64,), 999)
+    x_t = schedule.q_sample(x0, t, noise)
+    v = schedule.v_target(x0, noise, t)
+
+    class Oracle(torch.nn.Module):
+        conditional = False
+
+        def forward(self, x, tt, z):
+            return v
+
+    fn = guided(Oracle(), 1.0, "v", schedule)
+    eps_direct, x0_direct = fn.eps_and_x0(x_t, t, None)
+    a, s = schedule.signal_noise(t, x_t)
+    exact = (a.double() * x_t.double() - s.double() * v.double()).float()  # alpha x_t - sigma v in float64
+    assert torch.allclose(x0_direct, exact, atol=1e-6)
+    x0_via_eps = schedule.predict_x0_from_eps(x_t, t, fn(x_t, t, None))
+    err_direct = (x0_direct - x0).abs().max().item()
+    err_via_eps = (x0_via_eps - x0).abs().max().item()
+    assert err_direct < 1e-5 and err_via_eps > 20 * err_direct
+    assert torch.allclose(eps_direct, noise, atol=1e-5)

@@ -1,0 +1,117 @@
+"""trainer.py: hyperparameters declared once (presets as differences, generated flags), the step boilerplate
+owned by the Trainer, and per-rank RNG streams under torchrun that resume exactly."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import prestage_train
+import trainer as tr
+
+H = tr.Hyper
+HYPERS = [H("width", 64, "channels", "model"), H("mode", "a", "a mode", "loss", choices=("a", "b")),
+          H("flag", True, "a switch", "model", applies="vqvae", arg="switch"), H("mult", [1, 2], "levels", "model"),
+          *tr.loop_hypers(steps=100, batch_size=8, lr=1e-3, warmup=0, lr_schedule="cosine", log_every=10,
+                          val_every=50, ckpt_every=50)]
+PRESETS = {"full": {}, "demo": dict(width=16, steps=10)}
+
+
+def test_presets_are_differences_from_full():
+    demo = tr.preset_values(HYPERS, PRESETS, "demo")
+    full = tr.preset_values(HYPERS, PRESETS, "full")
+    assert demo == dict(full, width=16, steps=10)
+    assert full["lr_schedule"] == "cosine" and full["seed"] == 0 and len(full) == len(HYPERS)
+    with pytest.raises(ValueError, match=r"preset 'demo' sets undeclared hyperparameters \['widht'\]"):
+        tr.preset_values(HYPERS, {"full": {}, "demo": {"widht": 3}}, "full")
+
+
+def test_flags_are_generated_from_the_table_in_groups():
+    p = argparse.ArgumentParser()
+    groups = tr.add_common_args(p, HYPERS, PRESETS)
+    assert {"model", "loss", "optimisation", "loop", "run"} <= set(groups)
+    args = p.parse_args(["--width", "32", "--no-flag", "--mult", "1,2,4", "--mode", "b", "--lr", "0.5"])
+    assert (args.width, args.flag, args.mult, args.mode, args.lr) == (32, False, [1, 2, 4], "b", 0.5)
+    assert args.steps is None  # not given: the preset decides
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mode", "c"])
+    text = p.format_help()
+    assert "(full 64; demo 16)" in text and "[vqvae only]" in text and "(all presets: a)" in text
+
+
+def test_model_kwargs_follow_where_each_hyperparameter_applies():
+    config = tr.preset_values(HYPERS, PRESETS, "full")
+    assert tr.model_kwargs(HYPERS, config, "vqvae") == {"width": 64, "switch": True, "mult": [1, 2]}
+    assert tr.model_kwargs(HYPERS, config, "vae") == {"width": 64, "mult": [1, 2]}
+
+
+def test_stage_one_resolves_the_recorded_presets():
+    # the resolved configs that earlier runs recorded in config.json (values as they were before the table)
+    smoke = tr.preset_values(prestage_train.HYPERS, prestage_train.PRESETS, "smoke")
+    assert smoke["size"] == 32 and smoke["n_embed"] == 32 and smoke["perceptual"] == "msssim"
+    assert smoke["perceptual_weight"] == 0.5 and smoke["kl_weight"] == 1e-6 and smoke["vq_ema"] is True
+    demo = tr.preset_values(prestage_train.HYPERS, prestage_train.PRESETS, "demo")
+    assert (demo["n_embed"], demo["lr"], demo["batch_size"], demo["steps"], demo["disc_start"]) == (1024, 1e-3, 8, 2000, 1500)
+    cfg = prestage_train.autoencoder_config(dict(smoke, model="vae", conditional=True, num_z=32))
+    assert "n_embed" not in cfg and cfg["resolution"] == 32 and cfg["decoder_extra_block"] is True
+
+
+class _LrTask(tr.Task):
+    """Records the learning rate its optimisers hold when train_step runs."""
+
+    kind = "probe"
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(1, 1)
+        self.models = {"model": self.model}
+        self.optimizers = {"a": torch.optim.SGD(self.model.parameters(), lr=1.0),
+                           "b": torch.optim.SGD(self.model.parameters(), lr=1.0)}
+        self.seen = []
+
+    def train_step(self, batch, step):
+        self.seen.append([opt.param_groups[0]["lr"] for opt in self.optimizers.values()])
+        assert self.nets["model"] is self.model  # one process, no --compile: the model itself
+        return {"loss/x": torch.zeros(())}
+
+
+def test_trainer_sets_every_learning_rate_before_each_step(tmp_path):
+    config = dict(out=str(tmp_path / "run"), steps=6, batch_size=2, lr=0.4, warmup=2, lr_schedule="cosine",
+                  log_every=3, val_every=100, ckpt_every=100, seed=0)
+    task = _LrTask()
+    tr.start_run(task, config, (torch.zeros(8, 1),), None, False, 0, 1, torch.device("cpu")).fit()
+    expected = [tr.lr_at(step, config) for step in range(6)]
+    assert task.seen == [[lr, lr] for lr in expected]
+    logged = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())]
+    assert logged == [expected[2], expected[5]]
+
+
+def test_rank_seeds_keep_rank_zero_and_differ_per_rank():
+    assert tr.rank_seed(7, 0) == 7
+    assert len({tr.rank_seed(7, r) for r in range(8)}) == 8
+
+
+def _probe(cli, out, stop_at, phase, ddp=True):
+    argv = ["tests/ddp_noise_probe.py", out, stop_at, phase]
+    if ddp:
+        argv = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={cli.free_port()}", *argv]
+    proc = cli.run(*argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((out / f"draws_{phase}.json").read_text())
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_draw_their_own_noise_and_resume_exactly(tmp_path, cli):
+    whole = _probe(cli, tmp_path / "whole", 0, "first")
+    assert [row[0] for row in whole[0]] == [row[0] for row in whole[1]] == list(range(6))
+    assert all(a[1:] != b[1:] for a, b in zip(*whole))  # rank 1 draws other noise than rank 0 at every step
+    # rank 0 keeps the single-process stream
+    assert _probe(cli, tmp_path / "single", 0, "first", ddp=False)[0] == whole[0]
+    # paused at step 3 (last.pt holds both ranks' RNG states) and resumed: the same draws on each rank
+    first = _probe(cli, tmp_path / "paused", 3, "first")
+    assert len(first[1]) == 3 and len(torch.load(tmp_path / "paused" / "last.pt", weights_only=True)["rng_ranks"]) == 2
+    resumed = _probe(cli, tmp_path / "paused", 0, "resume")
+    assert [first[r] + resumed[r] for r in range(2)] == whole
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
