@@ -63,7 +63,9 @@ def reconstruct(model, images_u8, z, device):
 
 def code_counts(model, images_u8, z, device):
     """How often each VQ code occurs over every latent position of the slices, float [n_embed]."""
-    indices = util.map_batches(lambda x, zz: model.encode_indices(util.to_float(x), zz), (images_u8, z), device)
+    # fp32 (amp=False): in bf16 the encoder could move a latent across a code boundary and change the count
+    indices = util.map_batches(lambda x, zz: model.encode_indices(util.to_float(x), zz), (images_u8, z), device,
+                               amp=False)
     return torch.bincount(indices.flatten(), minlength=model.n_embed).float()
 
 

@@ -10,12 +10,15 @@
 - Samplers as plain functions of an `eps_fn(x_t, t, z)` callable (as in NVlabs/edm): `ddpm_sample`
   (ancestral, Ho et al.), `ddim_sample` (Song et al. 2021), `dpmpp_2m_sample` (DPM-Solver++(2M),
   Lu et al. 2022). `guided` builds the callable from a model with classifier-free guidance, `sample`
-  chains the two. Every sampler calls `callback(i, num_steps, x, x0_pred)` after step i with the new
+  chains the two. For a v-prediction model the callable also carries `eps_and_x0(x_t, t, z)`, which the
+  samplers prefer: x0 = alpha x_t - sigma v directly, where going through eps would divide by alpha
+  (~6.6e-3 at t = T-1 of the linear schedule) and amplify float32 rounding. Every sampler calls `callback(i, num_steps, x, x0_pred)` after step i with the new
   state and the x0 predicted at that step (e.g. for a GIF of decoded predictions).
 
 Time steps are integer indices 0..T-1; index t stands for step t+1 of the papers, so betas[0] is beta_1
-and "t = -1" below means the clean data (alpha_bar = 1). The latents are the autoencoder's divided by its
-scale factor, hence of about unit variance, so x0 predictions are not clipped unless asked.
+and "t = -1" below means the clean data (alpha_bar = 1). The latents are the autoencoder's times a scale
+factor (1 / their std), hence of about unit variance; x0 predictions are clipped only when `clip_x0` is given
+(stable_diffusion.py passes the training latents' range by default).
 """
 import math
 
@@ -287,7 +290,8 @@ def guided(model, guidance=1.0, objective="eps", schedule=None):
     """eps_fn(x_t, t, z) -> eps from `model` with classifier-free guidance eps_u + g (eps_c - eps_u).
 
     Guidance is applied to the raw output; for v-prediction that equals guidance on eps, because eps is
-    the same affine function of v for both branches. `schedule` is needed only to turn v into eps. With
+    the same affine function of v for both branches. `schedule` is needed only to turn v into eps; for v the
+    returned function also has `eps_and_x0(x_t, t, z)` (x0 without dividing by alpha; see the module). With
     g == 1, an unconditional model, or every z = -1, the model runs once; otherwise once on a doubled batch.
     """
     if objective not in OBJECTIVES:
@@ -304,7 +308,7 @@ def guided(model, guidance=1.0, objective="eps", schedule=None):
     if objective == "v":
         def eps_and_x0(x_t, t, z):
             """(eps, x0) from v directly: x0 = alpha x_t - sigma v. Through eps and x0 = (x_t - sigma eps) / alpha
-            instead, alpha ~ 5e-5 near t = T would amplify float32 rounding ~2e4 times."""
+            instead, dividing by alpha = sqrt(abar) ~ 6.6e-3 at t = T-1 would amplify float32 rounding ~150x."""
             return schedule.eps_and_x0(x_t, t, _guided_output(model, conditional, guidance, x_t, t, z).float(), "v")
 
         eps_fn.eps_and_x0 = eps_and_x0  # `_predict` prefers it over eps_fn

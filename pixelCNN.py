@@ -42,7 +42,6 @@ PRESETS = {
 class PixelCNNTask(stage_two.PriorTask):
     """Cross-entropy on cached code grids; validate bits per code and a decoded sample grid."""
 
-    kind = "pixelcnn"
     select_metric = ("val/bits_per_code", "min")
     items_name = "grids"
 
@@ -78,7 +77,11 @@ class PixelCNNPrior(stage_two.Prior):
 
     name, kind, stage = "PixelCNN", "pixelcnn", "pixelcnn"
     cache_what, cache_file, needs_codes = "indices", "codes.pt", True
+    sample_out = "samples_pixelcnn.png"
     hypers, presets, task, doc = HYPERS, PRESETS, PixelCNNTask, __doc__
+
+    def summary(self, config):
+        return f"codes {config['grid']} of {config['n_codes']}"
 
     def complete_config(self, config, cache, ae):
         config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed)
@@ -87,7 +90,7 @@ class PixelCNNPrior(stage_two.Prior):
         return GatedPixelCNN(config["n_codes"], conditional=config["conditional"], num_z=config["num_z"],
                              **tr.model_kwargs(HYPERS, config))
 
-    def add_sample_args(self, parser, command):
+    def add_sample_args(self, parser):
         parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")
 
     def sample_options(self, args, config):

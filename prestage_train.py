@@ -84,9 +84,7 @@ def kl_weight_at(step, total_steps, max_weight, cycles, ramp):
 
 def autoencoder_config(config):
     """The keyword config that rebuilds the autoencoder (stored in every checkpoint for stage two)."""
-    # .get: runs made before decoder_extra_block existed had the extra block (its `full` value)
-    model_cfg = {h.arg or h.name: config.get(h.name, h.full) for h in HYPERS
-                 if h.group == "model" and h.applies in (None, config["model"])}
+    model_cfg = tr.model_kwargs(HYPERS, config, config["model"])
     model_cfg.update(resolution=config["size"], in_channels=1, conditional=config["conditional"],
                      num_z=config["num_z"])
     return model_cfg

@@ -39,7 +39,7 @@ HYPERS = [
     H("schedule", "linear", "noise schedule", "loss", choices=("linear", "cosine")),
     H("timesteps", 1000, "diffusion steps T", "loss"),
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
-    H("ema_decay", 0.9999, "EMA decay of the weights (the EMA weights are sampled from)", "optimisation"),
+    H("ema_decay", 0.9999, "EMA decay of the weights that validation and sampling use", "optimisation"),
     H("sample_steps", 50, "DDIM steps of the validation sample grid", "output"),
     *stage_two.prior_hypers(steps=200000, batch_size=64, lr=1e-4, warmup=1000, lr_schedule="constant",
                             log_every=100, val_every=5000, ckpt_every=5000),
@@ -60,7 +60,6 @@ PRESETS = {
 class DiffusionTask(stage_two.PriorTask):
     """One DDPM step on cached latents; validation loss on validate latents and an EMA sample grid."""
 
-    kind = "diffusion"
     select_metric = ("val/loss", "min")
     items_name = "latents"
 
@@ -117,8 +116,11 @@ class DiffusionPrior(stage_two.Prior):
 
     name, kind, stage = "latent diffusion model", "diffusion", "ldm"
     cache_what, cache_file = "latent", "latents.pt"
-    weights, gif = "ema", True
+    weights, gif, amp, sample_out = "ema", True, True, "samples.png"
     hypers, presets, task, doc = HYPERS, PRESETS, DiffusionTask, __doc__
+
+    def summary(self, config):
+        return f"latents {config['latent_shape']}, scale factor {config['scale_factor']:.4f}"
 
     def complete_config(self, config, cache, ae):
         config["latent_shape"] = list(cache["train"].shape[1:])
@@ -134,7 +136,7 @@ class DiffusionPrior(stage_two.Prior):
         return LatentUNet(in_channels=shape[0], resolution=shape[1], num_z=config["num_z"],
                           conditional=config["conditional"], **tr.model_kwargs(HYPERS, config))
 
-    def add_sample_args(self, parser, command):
+    def add_sample_args(self, parser):
         parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="sampler")
         parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: T for ddpm, 50 otherwise)")
         parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
@@ -160,11 +162,9 @@ class DiffusionPrior(stage_two.Prior):
 
     def draw(self, model, config, z, generator, guidance, options, callback=None):
         schedule = NoiseSchedule(config["schedule"], config["timesteps"])
-        with util.autocast(z.device):
-            latents = sample(model, schedule, (len(z), *config["latent_shape"]), z, sampler=options["sampler"],
-                             steps=options["steps"], eta=options["eta"], guidance=guidance,
-                             objective=config["objective"], generator=generator, callback=callback,
-                             clip_x0=options["clip_x0"])
+        latents = sample(model, schedule, (len(z), *config["latent_shape"]), z, sampler=options["sampler"],
+                         steps=options["steps"], eta=options["eta"], guidance=guidance, objective=config["objective"],
+                         generator=generator, callback=callback, clip_x0=options["clip_x0"])
         return latents.float()
 
 

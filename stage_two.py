@@ -36,7 +36,13 @@ class Prior:
     needs_codes = False  # True: the stage one must be a VQ-VAE
     weights = "model"    # the state dict that sample/evaluate use ("ema" where one is kept)
     gif = False          # sample --gif: the sampler reports x0 predictions along the way
+    amp = False          # sample/evaluate draw under bf16 autocast on CUDA (validation previews stay fp32)
+    sample_out = "samples.png"  # sample's default --out
     hypers, presets, task, doc = [], {}, None, None
+
+    def summary(self, config):
+        """What the prior models, for the start-up line (e.g. the latent shape and scale factor)."""
+        raise NotImplementedError
 
     def complete_config(self, config, cache, ae):
         """Settings derived from the cache and the stage one (latent shape, scale factor, grid, ...)."""
@@ -45,8 +51,8 @@ class Prior:
         """The untrained network of a config."""
         raise NotImplementedError
 
-    def add_sample_args(self, parser, command):
-        """The prior's own sample/evaluate flags (command is 'sample' or 'evaluate')."""
+    def add_sample_args(self, parser):
+        """The prior's own sample/evaluate flags."""
 
     def sample_options(self, args, config):
         """Check the prior's own sample flags; returns what `draw` takes."""
@@ -65,7 +71,7 @@ class Prior:
 def prior_hypers(**loop):
     """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs) and the
     loop's, with the prior's `full` values (see trainer.loop_hypers)."""
-    return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition (classifier-free guidance)", "loss"),
+    return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs", "loss"),
             *tr.loop_hypers(**loop)]
 
 
@@ -161,6 +167,7 @@ class PriorTask(tr.Task):
 
     def __init__(self, prior, config, device, ae, cache):
         super().__init__()
+        self.kind = prior.kind
         self.prior, self.config, self.device, self.ae = prior, config, device, ae
         torch.manual_seed(config["seed"])
         self.model = prior.build(config).to(device)
@@ -210,9 +217,8 @@ def train(prior, args):
         return 0
     task = prior.task(prior, config, device, ae, cache)
     if rank == 0:
-        shape = list(cache["train"].shape[1:])
-        print(f"{prior.cache_what} shape {shape}; {prior.name} "
-              f"{sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters")
+        print(f"{prior.summary(config)}; {prior.name} {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M "
+              f"parameters")
     return tr.train_and_report(task, config, (cache["train"], cache["train_z"]), args, rank, world, device)
 
 
@@ -259,15 +265,20 @@ def sample_grid_z(zs, n):
     return torch.tensor(zs * n, dtype=torch.long)
 
 
-def check_guidance(guidance, config):
-    """The guidance scale: finite and >= 0; other than 1 only for a z-conditioned prior trained with
-    --p-uncond > 0 (else the null-condition output it mixes in was never learnt)."""
+def check_guidance(guidance, config=None):
+    """The guidance scale: finite and >= 0 (checked before anything loads, with config None); other than 1
+    only for a z-conditioned prior trained with --p-uncond > 0 (else the null-condition output it mixes in
+    was never learnt)."""
     if not math.isfinite(guidance) or guidance < 0:
         raise UserError(f"--guidance {guidance}: must be a finite number >= 0 (1: conditional only)")
-    if guidance != 1.0 and not (config["conditional"] and config.get("p_uncond", 0) > 0):
+    if guidance == 1.0 or config is None:
+        return guidance
+    if not config["conditional"]:
+        raise UserError(f"--guidance {guidance}: this prior is unconditional (its data have no z-index), so there "
+                        f"is no condition to guide by; use --guidance 1")
+    if not config.get("p_uncond", 0) > 0:
         raise UserError(f"--guidance {guidance}: this prior was trained without condition dropout "
-                        f"(conditional={config['conditional']}, p_uncond={config.get('p_uncond', 0)}); "
-                        f"use --guidance 1")
+                        f"(p_uncond={config.get('p_uncond', 0)}); use --guidance 1")
     return guidance
 
 
@@ -275,8 +286,9 @@ def generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_s
     """Draw for each z (in batches) and decode; returns images [N, 1, H, W] and the seconds taken."""
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    drawn = [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
-                        callback if i == 0 else None) for i in range(0, len(z), batch_size)]
+    with util.autocast(device, enabled=prior.amp):
+        drawn = [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
+                            callback if i == 0 else None) for i in range(0, len(z), batch_size)]
     images = decode(ae, torch.cat(drawn), z, device, ckpt.get("scale_factor", 1.0))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -290,7 +302,7 @@ def gif_recorder(ae, ckpt, z, device, max_frames=40):
     def callback(i, num_steps, x_t, x0_pred):
         every = max(1, num_steps // max_frames)
         if i % every == 0 or i == num_steps - 1:
-            imgs = decode(ae, x0_pred.float(), z[:len(x0_pred)], device, ckpt["scale_factor"])
+            imgs = decode(ae, x0_pred.float(), z[:len(x0_pred)], device, ckpt.get("scale_factor", 1.0))
             frames.append(util.image_grid(imgs, nrow=min(len(imgs), 8)))
 
     return frames, callback
@@ -300,6 +312,7 @@ def prepare_sampling(prior, args):
     """Checks shared by sample and evaluate, the loaded prior, and its checked options."""
     if args.n < 1 or args.batch_size < 1:
         raise UserError(f"--n {args.n} --batch-size {args.batch_size}: both must be at least 1")
+    check_guidance(args.guidance)
     device = util.pick_device(args.device)
     model, ae, ckpt = load_prior(prior, args.ckpt, device, args.ae)
     options = prior.sample_options(args, ckpt["config"])
@@ -365,10 +378,10 @@ def parse_args(prior, argv):
         s.add_argument("--seed", type=int, default=0, help="sampling seed")
         s.add_argument("--batch-size", type=int, default=64, help="samples drawn at once")
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        prior.add_sample_args(s, command)
+        prior.add_sample_args(s)
         if command == "sample":
             s.add_argument("--z", default="0..31", help="z-indices: a range 0..31, or a list 0,8,16")
-            s.add_argument("--out", default=f"samples_{prior.kind}.png",
+            s.add_argument("--out", default=prior.sample_out,
                            help="PNG grid: a row per sample, a column per z-index")
             if prior.gif:
                 s.add_argument("--gif", default=None, help="also write the denoising process (decoded x0 predictions)")

@@ -86,8 +86,9 @@ def preset_values(hypers, presets, name):
 
 
 def model_kwargs(hypers, config, kind=None):
-    """The model constructor's keywords: every `model`-group hyperparameter that applies to `kind`."""
-    return {h.arg or h.name: config[h.name] for h in hypers
+    """The model constructor's keywords: every `model`-group hyperparameter that applies to `kind` (a key
+    that a run from before the hyperparameter existed lacks takes its `full` value, which it then had)."""
+    return {h.arg or h.name: config.get(h.name, h.full) for h in hypers
             if h.group == "model" and h.applies in (None, kind)}
 
 
@@ -101,18 +102,18 @@ def _flag_type(value):
 
 
 def _preset_note(hyper, presets):
-    """'(full 1e-4; demo 1e-3; smoke 1e-3)', or '(all presets: 0)' where no preset changes it."""
+    """'[full 1e-4; demo 1e-3; smoke 1e-3]', or '[all presets: 0]' where no preset changes it."""
     values = {"full": hyper.full, **{p: d[hyper.name] for p, d in presets.items() if hyper.name in d}}
     if len(values) == 1:
-        return f"(all presets: {hyper.full})"
-    return "(" + "; ".join(f"{p} {v}" for p, v in values.items()) + ")"
+        return f"[all presets: {hyper.full}]"
+    return "[" + "; ".join(f"{p} {v}" for p, v in values.items()) + "]"
 
 
 def add_hyper_args(parser, hypers, presets):
     """One flag per hyperparameter (default None: the preset decides), in EDM-style groups."""
     groups = {name: parser.add_argument_group(name) for name in GROUPS if any(h.group == name for h in hypers)}
     for hyper in sorted(hypers, key=lambda h: GROUPS.index(h.group)):
-        where = f" [{hyper.applies} only]" if hyper.applies else ""
+        where = f" ({hyper.applies} only)" if hyper.applies else ""
         groups[hyper.group].add_argument(f"--{hyper.name.replace('_', '-')}", default=None, choices=hyper.choices,
                                          help=f"{hyper.help}{where} {_preset_note(hyper, presets)}",
                                          **_flag_type(hyper.full))
@@ -339,7 +340,6 @@ class Trainer:
         self.best = None
         self.logger = util.JsonlLogger(self.run_dir / "log.jsonl", enabled=rank == 0)
         self.stop_signal = None
-        self.bad = None  # (step, term) of the first non-finite loss
         self.pending = []  # (step, names, values) of losses not yet checked on the host (CUDA)
         self.old_handlers = {}  # signal handlers to put back after fit
         self.perm, self.perm_epoch = None, None  # this epoch's data order
@@ -350,35 +350,33 @@ class Trainer:
             raise UserError(f"--batch-size {self.batch_size}: larger than the training split ({n} items"
                             f"{f' over {world} processes' if world > 1 else ''})")
         for name in task.trained:
-            task.nets[name] = self.wrap(task.models[name], compile=name == "model")
+            task.nets[name] = self.wrap(task.models[name], may_compile=name == "model")
         if rank > 0:
             # Seeded after the models are built (every rank starts from the same weights), so each rank draws
             # its own noise, time steps and dropout masks; rank 0 keeps the single-process stream.
             util.seed_everything(rank_seed(config["seed"], rank))
 
-    def wrap(self, model, compile=False):
+    def wrap(self, model, may_compile=False):
         """The module a train_step calls: DDP under torchrun, then torch.compile with --compile."""
         if self.world > 1:
             # find_unused_parameters: the z null token is unused in steps where no condition is dropped.
             model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        if compile and self.config.get("compile"):
+        if may_compile and self.config.get("compile"):
             model = torch.compile(model)
         return model
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self, all_ranks=False):
-        """Everything a resumed run needs, as plain tensors and values (weights_only-loadable). With
-        `all_ranks` (a collective: every rank calls it) it also holds each rank's RNG state."""
+    def state_dict(self, rng_ranks=None):
+        """Everything a resumed run needs, as plain tensors and values (weights_only-loadable); `rng_ranks`
+        (from `gather_rng`) holds every rank's RNG state under torchrun."""
         state = {
             "kind": self.task.kind,
             "config": self.config,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best": self.best, "rng": util.rng_state(),
         }
-        if all_ranks and self.world > 1:
-            states = [None] * self.world
-            dist.all_gather_object(states, state["rng"])
-            state["rng_ranks"] = states
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
         for name, model in self.task.models.items():
             state[name] = unwrap(model).state_dict()
         for name, opt in self.task.optimizers.items():
@@ -438,9 +436,17 @@ class Trainer:
 
         last.pt is saved by every rank together (it gathers their RNG states); best.pt by rank 0 alone."""
         self.check_weights_finite()
-        state = self.state_dict(all_ranks=name == "last.pt")
+        rng_ranks = self.gather_rng() if name == "last.pt" else None
         if self.rank == 0:
-            util.save_checkpoint(state, self.run_dir / name)
+            util.save_checkpoint(self.state_dict(rng_ranks), self.run_dir / name)
+
+    def gather_rng(self):
+        """Every rank's RNG state, on rank 0 (a collective under torchrun: all ranks call it); None alone."""
+        if self.world == 1:
+            return None
+        states = [None] * self.world
+        dist.all_gather_object(states, util.rng_state())
+        return states
 
     # -- data order ----------------------------------------------------------------------------
     def batch_indices(self):
@@ -476,13 +482,12 @@ class Trainer:
                                         f"stopped and {tail} (try a lower --lr)")
 
     def check_finite(self, losses):
-        """Record the first non-finite loss; on CPU check now, on CUDA defer the host sync to log steps."""
-        if self.bad is not None:
-            return
+        """Guard the losses: one CPU process checks now; on CUDA (no host sync per step) and under torchrun
+        (every rank must stop at the same step) the check waits for `flush_checks`."""
         names = [k for k in losses if k.startswith("loss/")]  # weights, rates and stats are not guarded
         values = torch.stack([losses[k].detach().float().reshape(()) for k in names])
         # Named as log.jsonl and checkpoints number it: the step being taken ends at self.step + 1.
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and self.world == 1:
             self._raise_if_bad(values, names, self.step + 1)
         else:
             self.pending.append((self.step + 1, names, values))
@@ -497,10 +502,19 @@ class Trainer:
                                 f"training stopped and {tail} (try a lower --lr)")
 
     def flush_checks(self):
-        """Host-side check of the losses recorded since the last flush (CUDA path)."""
-        for step, names, values in self.pending:
+        """Check the losses recorded since the last flush. Under torchrun the ranks agree first (every rank
+        calls this at the same steps), so all of them stop together rather than some waiting forever in the
+        next collective for a rank that has raised."""
+        pending, self.pending = self.pending, []
+        bad = [(step, names, values) for step, names, values in pending if not bool(torch.isfinite(values).all())]
+        if self.world > 1:
+            flag = torch.tensor([float(bool(bad))], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and not bad:
+                raise NonFiniteLoss(f"non-finite loss on another rank by step {self.step}; training stopped "
+                                    f"(that rank names the term)")
+        for step, names, values in bad[:1]:
             self._raise_if_bad(values, names, step)
-        self.pending = []
 
     def install_signal_handlers(self):
         """SIGTERM/SIGINT only set a flag: the current step (and any checkpoint write) completes first."""

@@ -119,12 +119,13 @@ def autocast(device, enabled=True):
 
 
 @torch.no_grad()
-def map_batches(fn, tensors, device, batch_size=64):
-    """`fn(*batch)` over aligned tensors, `batch_size` rows at a time moved to `device` under autocast;
-    the outputs are concatenated on the CPU (the one batched loop over a split: encode, decode, reconstruct)."""
+def map_batches(fn, tensors, device, batch_size=64, amp=True):
+    """`fn(*batch)` over aligned tensors, `batch_size` rows at a time moved to `device` (under bf16 autocast on
+    CUDA unless `amp` is False); the outputs are concatenated on the CPU. The one batched loop over a split:
+    encode, decode, reconstruct."""
     outs = []
     for i in range(0, len(tensors[0]), batch_size):
-        with autocast(device):
+        with autocast(device, enabled=amp):
             outs.append(fn(*(t[i:i + batch_size].to(device) for t in tensors)).cpu())
     return torch.cat(outs)
 

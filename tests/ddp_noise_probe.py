@@ -2,8 +2,9 @@
 under `torchrun --nproc_per_node=2`: it shows that each rank draws its own stream and that a DDP run
 paused with --stop-at and resumed draws exactly what an uninterrupted run draws.
 
-    python tests/ddp_noise_probe.py OUT STOP_AT first|resume      (STOP_AT 0: run to the end)
-Writes OUT/draws_<first|resume>.json: per rank, a list of [step, noise...] rows.
+    python tests/ddp_noise_probe.py OUT STOP_AT first|resume|nan  (STOP_AT 0: run to the end)
+Writes OUT/draws_<first|resume>.json: per rank, a list of [step, noise...] rows. With `nan`, the last rank's
+loss turns NaN at step 2: every rank must stop with the non-finite-loss error, none may wait forever.
 """
 import json
 import sys
@@ -21,8 +22,9 @@ class NoiseTask(tr.Task):
 
     kind = "probe"
 
-    def __init__(self):
+    def __init__(self, nan_at=None):
         super().__init__()
+        self.nan_at = nan_at
         torch.manual_seed(0)
         self.model = torch.nn.Linear(2, 1)
         self.models = {"model": self.model}
@@ -33,6 +35,8 @@ class NoiseTask(tr.Task):
         noise = torch.randn(2)
         self.draws.append([step, *noise.tolist()])
         loss = (self.nets["model"](batch[0]).squeeze(1) - noise.sum()).pow(2).mean()
+        if step == self.nan_at:
+            loss = loss * float("nan")
         opt = self.optimizers["opt"]
         opt.zero_grad()
         loss.backward()
@@ -45,10 +49,14 @@ def main():
     rank, world, device = tr.setup_distributed("cpu")
     config = dict(out=str(out), steps=6, stop_at=stop_at, batch_size=2, lr=0.1, warmup=0, lr_schedule="constant",
                   log_every=1, val_every=100, ckpt_every=100, seed=0)
-    task = NoiseTask()
+    task = NoiseTask(nan_at=2 if phase == "nan" and rank == world - 1 else None)
     data = (torch.randn(16, 2, generator=torch.Generator().manual_seed(1)),)
     fit = tr.start_run(task, config, data, phase == "resume", False, rank, world, device)
-    fit.fit()
+    try:
+        fit.fit()
+    except tr.NonFiniteLoss as err:
+        print(f"rank {rank}: {err}", flush=True)
+        sys.exit(1)
     draws = [task.draws]
     if world > 1:
         draws = [None] * world

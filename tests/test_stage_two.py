@@ -26,7 +26,7 @@ def test_sample_grid_z_reads_row_by_row():
     (dict(conditional=True, p_uncond=0.1), float("nan"), "must be a finite number >= 0"),
     (dict(conditional=True, p_uncond=0.1), -1.0, "must be a finite number >= 0"),
     (dict(conditional=True, p_uncond=0.0), 2.0, "trained without condition dropout"),
-    (dict(conditional=False, p_uncond=0.1), 2.0, "trained without condition dropout"),
+    (dict(conditional=False, p_uncond=0.1), 2.0, "this prior is unconditional"),
 ])
 def test_guidance_is_refused_where_it_cannot_work(config, guidance, message):
     with pytest.raises(UserError, match=message):

@@ -36,7 +36,7 @@ def test_flags_are_generated_from_the_table_in_groups():
     with pytest.raises(SystemExit):
         p.parse_args(["--mode", "c"])
     text = p.format_help()
-    assert "(full 64; demo 16)" in text and "[vqvae only]" in text and "(all presets: a)" in text
+    assert "[full 64; demo 16]" in text and "(vqvae only)" in text and "[all presets: a]" in text
 
 
 def test_model_kwargs_follow_where_each_hyperparameter_applies():
@@ -115,3 +115,14 @@ def test_ddp_ranks_draw_their_own_noise_and_resume_exactly(tmp_path, cli):
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "paused" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.ddp
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, cli):
+    # Before the ranks agreed on the guard, the rank with the NaN raised and the other waited in the next
+    # collective until the timeout.
+    proc = cli.run("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={cli.free_port()}",
+                   "tests/ddp_noise_probe.py", tmp_path / "nan", 0, "nan", timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1: non-finite loss at step 3: loss/mse = nan" in proc.stdout
+    assert "rank 0: non-finite loss on another rank by step 3" in proc.stdout
