@@ -9,6 +9,12 @@ network from a config and how to draw latents or code grids for given z-indices)
 - the command line: `train`, `sample` and `evaluate` sub-commands, their shared flags and checks.
 
 Data flows one way: dataset -> stage one (prestage_train) -> this module -> the prior scripts.
+
+A third prior (say a transformer over codes) takes: its model file; a Task subclassing `PriorTask` (its
+`train_step` and `validate`); a `Prior` subclass (its hyperparameter table and presets, `build`, `summary`,
+`draw`, `describe`, and any sample flags of its own); and a script whose `main` calls `stage_two.main(PRIOR)`.
+Caching, loading with the hash check, decoding, the three sub-commands, guidance and z checks, evaluation,
+resume, DDP and checkpoints come from here and from trainer.py unchanged.
 """
 import argparse
 import math
