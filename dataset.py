@@ -23,7 +23,6 @@ Commands:
     python dataset.py inspect data/demo_64 --size 64
     python dataset.py inspect /path/to/keras_png_slices_data --size 128
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -42,7 +41,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from util import UserError, run_cli, to_float
+from util import ArgumentParser, UserError, run_cli, to_float
 
 SPLITS = ("train", "validate", "test")
 SIZES = (32, 64, 128, 256)
@@ -430,6 +429,9 @@ def _read_volume(path):
     return np.nan_to_num(data, copy=False), img.affine, shape, notes
 
 
+MAX_VOXEL_RATIO = 20  # in-plane voxel aspect beyond which an affine is taken for a broken header
+
+
 def _volume_slices(path, num_slices, size):
     """K axial slices of one volume as uint8 [K, size, size], notes (no file name) and the shape on disk."""
     data, affine, shape, notes = _read_volume(path)
@@ -452,6 +454,9 @@ def _volume_slices(path, num_slices, size):
     scaled[~mask[:, :, picks]] = 0  # keep the background black even when p_lo < 0
     scaled = np.round(scaled).astype(np.uint8)
     zooms = np.sqrt((affine[:3, :2] ** 2).sum(axis=0))
+    if not (np.isfinite(zooms).all() and zooms.min() > 0 and zooms.max() <= MAX_VOXEL_RATIO * zooms.min()):
+        raise DataError(path, f"in-plane voxel size {zooms[0]:.3g} x {zooms[1]:.3g} (from the affine) is not that of "
+                              f"an MRI volume (zero, not finite, or more than {MAX_VOXEL_RATIO}:1)")
     if abs(zooms[0] - zooms[1]) > 0.01 * zooms.max():
         notes.append("non-square in-plane voxels: resampled to square pixels")
     out = np.zeros((num_slices, size, size), dtype=np.uint8)
@@ -895,7 +900,7 @@ def cmd_build_demo(args):
 
 def main(argv=None):
     """Parse the command line and run a sub-command."""
-    parser = argparse.ArgumentParser(description="Brain MRI slices: inspect a data folder or build the embedded set.")
+    parser = ArgumentParser(description="Brain MRI slices: inspect a data folder or build the embedded set.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show the layout, splits, sizes, notes and load speed of a data folder")
     p.add_argument("path")

@@ -27,7 +27,6 @@ Commands (the real-vs-real baseline: real *test* slices scored as if they were s
     python evaluation.py                                   # embedded dataset, 64x64
     python evaluation.py --data /path/to/OASIS --size 128 --n 512 --out runs/baseline_128.json
 """
-import argparse
 import contextlib
 import hashlib
 import json
@@ -621,7 +620,7 @@ def report(metrics, out=None):
 
 def parse_args(argv):
     """The real-vs-real baseline command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = util.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=None, help="dataset root (default: the embedded set, built once)")
     p.add_argument("--size", type=int, choices=list(dataset.SIZES), default=64, help="image size")
     p.add_argument("--n", type=int, default=256, help="real test slices scored as if they were samples")

@@ -10,7 +10,6 @@ Commands:
     python logger.py runs/stage1-demo                        # writes runs/stage1-demo/curves.png
     python logger.py runs/ldm-demo runs/ldm-cosine --smooth 10 --out compare.png
 """
-import argparse
 import math
 import re
 from collections import defaultdict
@@ -185,7 +184,7 @@ def plot(runs, labels, out, smooth=1):
 
 def parse_args(argv):
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = util.ArgumentParser(description=__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding log.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png for one run, "
                                                "curves.png for several)")

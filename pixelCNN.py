@@ -78,6 +78,8 @@ class PixelCNNPrior(stage_two.Prior):
     name, kind, stage = "PixelCNN", "pixelcnn", "pixelcnn"
     cache_what, cache_file, needs_codes = "indices", "codes.pt", True
     sample_out = "samples_pixelcnn.png"
+    derived = [("grid", lambda v: tr.is_shape(v, 2), "[height, width]"),
+               ("n_codes", lambda v: tr.is_whole(v, 2), "a whole number >= 2")]
     hypers, presets, task, doc = HYPERS, PRESETS, PixelCNNTask, __doc__
 
     def summary(self, config):

@@ -13,7 +13,6 @@ Commands:
 Without --data the embedded MNI pseudo-cohort is built once into data/embedded_<size> and used.
 The best checkpoint (best.pt) is chosen on validate SSIM; the test split is only for --eval-only.
 """
-import argparse
 import json
 
 import torch
@@ -93,6 +92,12 @@ def autoencoder_config(config):
 def load_autoencoder(path, device, flag="--ae"):
     """Rebuild a frozen stage-one model from its checkpoint; returns (model, checkpoint dict)."""
     ckpt = util.load_checkpoint(path, kind="stage1", flag=flag)
+    where = f"{flag} {ckpt['_path']}"
+    ckpt["config"] = tr.checked_file_config(ckpt, HYPERS, where, [
+        ("data", lambda v: isinstance(v, (str, type(None))), "a folder path"),
+        ("num_z", tr.is_whole, "a whole number >= 1")])
+    if ckpt.get("model_type") not in ("vae", "vqvae") or not isinstance(ckpt.get("model_config"), dict):
+        raise UserError(f"{where}: holds no model_type (vae or vqvae) and model_config of a stage-one model")
     try:
         model = build_autoencoder(ckpt["model_type"], ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
@@ -202,7 +207,7 @@ class StageOneTask(tr.Task):
 
 def parse_args(argv):
     """The stage-one command line: a flag per hyperparameter (generated from HYPERS), plus the run flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = util.ArgumentParser(description=__doc__)
     groups = tr.add_common_args(p, HYPERS, PRESETS)
     groups["model"].add_argument("--model", choices=["vae", "vqvae"], default=None, help="autoencoder kind (default vae)")
     groups["data"].add_argument("--data", default=None,
@@ -226,7 +231,7 @@ def evaluate_only(args):
     split = dataset.load_split(data_path, args.split, size=config["size"])
     images, z = split.tensors()
     metrics = evaluation.reconstruction_metrics(model, images, z, device, prefix=args.split)
-    metrics.update(checkpoint=ckpt["_path"], step=ckpt["step"], split=args.split, slices=len(images))
+    metrics.update(checkpoint=ckpt["_path"], step=ckpt.get("step"), split=args.split, slices=len(images))
     print(json.dumps(metrics, indent=2))
     if args.out_json:
         util.save_json(metrics, args.out_json)
@@ -245,6 +250,15 @@ def print_data_notes(data_path, train, val, perceptual_used):
                 print(f"note ({split.split}): {note}")
 
 
+def check_run_keys(config, args):
+    """The run settings that are not hyperparameters, as a resumed config.json may hold them."""
+    where = f"--resume {args.resume}: config.json has" if args.resume else "--"
+    if config["model"] not in ("vae", "vqvae"):
+        raise UserError(f"{where} model {config['model']!r}, which must be vae or vqvae")
+    if not isinstance(config.get("data"), (str, type(None))):
+        raise UserError(f"{where} data {config['data']!r}, which must be a folder path")
+
+
 def main(argv=None):
     """Train (or resume, or evaluate) a stage-one autoencoder."""
     args = parse_args(argv)
@@ -252,6 +266,7 @@ def main(argv=None):
         return evaluate_only(args)
     config = tr.resolve_config(args, HYPERS, PRESETS, "stage1", exclude=("eval_only", "split", "ckpt", "out_json"))
     config.setdefault("model", "vae")
+    check_run_keys(config, args)
     rank, world, device = tr.setup_distributed(config.get("device") or "auto")
     if rank == 0:
         print(f"preset: {config['preset']}, model: {config['model']}")

@@ -117,6 +117,9 @@ class DiffusionPrior(stage_two.Prior):
     name, kind, stage = "latent diffusion model", "diffusion", "ldm"
     cache_what, cache_file = "latent", "latents.pt"
     weights, gif, amp, sample_out = "ema", True, True, "samples.png"
+    derived = [("latent_shape", lambda v: tr.is_shape(v, 3), "[channels, height, width]"),
+               ("scale_factor", lambda v: tr.is_finite(v, 1e-12), "a positive number"),
+               ("x0_clip", lambda v: v is None or tr.is_finite(v), "a number >= 0")]
     hypers, presets, task, doc = HYPERS, PRESETS, DiffusionTask, __doc__
 
     def summary(self, config):

@@ -16,7 +16,6 @@ A third prior (say a transformer over codes) takes: its model file; a Task subcl
 Caching, loading with the hash check, decoding, the three sub-commands, guidance and z checks, evaluation,
 resume, DDP and checkpoints come from here and from trainer.py unchanged.
 """
-import argparse
 import math
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ class Prior:
     weights = "model"    # the state dict that sample/evaluate use ("ema" where one is kept)
     gif = False          # sample --gif: the sampler reports x0 predictions along the way
     amp = False          # sample/evaluate draw under bf16 autocast on CUDA (validation previews stay fp32)
+    derived = []         # (key, test, what it must be): the config entries `complete_config` adds
     sample_out = "samples.png"  # sample's default --out
     hypers, presets, task, doc = [], {}, None, None
 
@@ -125,7 +125,7 @@ def decode(ae, samples, z, device, scale=1.0):
 
 
 def load_cache(path, ae_sha256):
-    """A latent/code cache written for this exact stage-one file, or None (missing, stale or corrupt)."""
+    """A latent/code cache written for this exact stage-one file, or None (missing, stale or corrupt: rebuilt)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -133,7 +133,20 @@ def load_cache(path, ae_sha256):
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
         return None
-    return cache if isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 else None
+    whole = (isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 and isinstance(cache.get("data"), str)
+             and tr.is_whole(cache.get("num_z")) and all(_split_is_whole(cache, s) for s in ("train", "validate")))
+    return cache if whole else None
+
+
+def _split_is_whole(cache, split):
+    """A split of a cache: latents [N, C, h, w] (finite floats) or codes [N, h, w] with z-indices [N]."""
+    x, z = cache.get(split), cache.get(f"{split}_z")
+    if not (torch.is_tensor(x) and torch.is_tensor(z) and z.dtype == torch.long and z.shape == x.shape[:1]
+            and len(x) > 0 and bool((z < cache["num_z"]).all())):
+        return False
+    if x.is_floating_point():
+        return x.dim() == 4 and x.dtype == torch.float32 and bool(torch.isfinite(x).all())
+    return x.dim() == 3 and x.dtype == torch.long and bool((x >= 0).all())
 
 
 def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
@@ -235,17 +248,20 @@ def train(prior, args):
 def load_prior(prior, path, device, ae_override=None):
     """The trained prior (eval mode), its frozen stage one and its checkpoint dict."""
     ckpt = util.load_checkpoint(path, kind=prior.kind)
+    ckpt["config"] = tr.checked_file_config(ckpt, prior.hypers, f"--ckpt {ckpt['_path']}", [
+        ("num_z", tr.is_whole, "a whole number >= 1"), ("conditional", lambda v: isinstance(v, bool), "true or false"),
+        ("data", lambda v: isinstance(v, str), "a folder path"), *prior.derived])
     try:
         model = prior.build(ckpt["config"])
         model.load_state_dict(ckpt[prior.weights])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config "
                         f"({str(err).splitlines()[0][:160]})") from None
-    if not (ae_override or ckpt.get("ae_path")):
+    if not (ae_override or isinstance(ckpt.get("ae_path"), str)):
         raise UserError(f"--ckpt {ckpt['_path']}: records no stage-one checkpoint; pass --ae PATH")
     flag = "--ae" if ae_override else recorded_ae_flag(ckpt)
     ae, ae_ckpt = load_stage_one(prior, ae_override or ckpt["ae_path"], device, flag)
-    if util.file_sha256(ae_ckpt["_path"]) != ckpt.get("ae_sha256"):
+    if util.file_sha256(ae_ckpt["_path"]) != ckpt.get("ae_sha256"):  # a missing hash differs too
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
     return model.to(device).eval(), ae, ckpt
 
@@ -295,7 +311,7 @@ def generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_s
     with util.autocast(device, enabled=prior.amp):
         drawn = [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
                             callback if i == 0 else None) for i in range(0, len(z), batch_size)]
-    images = decode(ae, torch.cat(drawn), z, device, ckpt.get("scale_factor", 1.0))
+    images = decode(ae, torch.cat(drawn), z, device, ckpt["config"].get("scale_factor", 1.0))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images, time.perf_counter() - t0
@@ -308,7 +324,7 @@ def gif_recorder(ae, ckpt, z, device, max_frames=40):
     def callback(i, num_steps, x_t, x0_pred):
         every = max(1, num_steps // max_frames)
         if i % every == 0 or i == num_steps - 1:
-            imgs = decode(ae, x0_pred.float(), z[:len(x0_pred)], device, ckpt.get("scale_factor", 1.0))
+            imgs = decode(ae, x0_pred.float(), z[:len(x0_pred)], device, ckpt["config"].get("scale_factor", 1.0))
             frames.append(util.image_grid(imgs, nrow=min(len(imgs), 8)))
 
     return frames, callback
@@ -366,7 +382,7 @@ def evaluate_cmd(prior, args):
 
 def parse_args(prior, argv):
     """train | sample | evaluate sub-commands of a prior script."""
-    p = argparse.ArgumentParser(description=prior.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = util.ArgumentParser(description=prior.doc)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help=f"train the {prior.name} on a frozen stage-one model")
     groups = tr.add_common_args(t, prior.hypers, prior.presets)

@@ -52,6 +52,28 @@ class Hyper:
     applies: str = None
     choices: tuple = None
     arg: str = None
+    low: float = 0      # numbers: the smallest value that works
+    high: float = None  # numbers: the largest, where there is one
+
+    def problem(self, value):
+        """Why `value` cannot be this hyperparameter's value (its type follows the `full` value), or None."""
+        full, whole = self.full, isinstance(self.full, int) and not isinstance(self.full, bool)
+        if isinstance(full, bool):
+            return None if isinstance(value, bool) else "must be true or false"
+        if isinstance(full, list):
+            ok = isinstance(value, list) and all(type(v) is int and v >= 1 for v in value)
+            return None if ok else "must be a list of whole numbers >= 1"
+        if isinstance(full, str):
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                return f"must be one of {', '.join(map(str, self.choices))}" if self.choices else "must be text"
+            return None
+        if not (type(value) is int if whole else type(value) in (int, float) and math.isfinite(value)):
+            return "must be a whole number" if whole else "must be a finite number"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if value < self.low or (self.high is not None and value > self.high):
+            return f"must lie in {self.low}..{self.high}" if self.high is not None else f"must be >= {self.low}"
+        return None
 
 
 GROUPS = ("data", "model", "loss", "optimisation", "loop", "output")
@@ -60,16 +82,16 @@ GROUPS = ("data", "model", "loss", "optimisation", "loop", "output")
 def loop_hypers(steps, batch_size, lr, warmup, lr_schedule, log_every, val_every, ckpt_every, seed=0):
     """The hyperparameters every trainer has, with that trainer's `full` values."""
     return [
-        Hyper("batch_size", batch_size, "batch size per process", "optimisation"),
+        Hyper("batch_size", batch_size, "batch size per process", "optimisation", low=1),
         Hyper("lr", lr, "peak learning rate", "optimisation"),
         Hyper("warmup", warmup, "linear learning-rate warm-up steps", "optimisation"),
         Hyper("lr_schedule", lr_schedule, "after warm-up: constant, or cosine decay to 10%% of --lr at the last "
               "step", "optimisation", choices=("constant", "cosine")),
-        Hyper("steps", steps, "total optimiser steps", "loop"),
+        Hyper("steps", steps, "total optimiser steps", "loop", low=1),
         Hyper("seed", seed, "seed of the whole run (data order, init, noise)", "loop"),
-        Hyper("log_every", log_every, "steps between log lines", "loop"),
-        Hyper("val_every", val_every, "steps between validations", "loop"),
-        Hyper("ckpt_every", ckpt_every, "steps between last.pt saves", "loop"),
+        Hyper("log_every", log_every, "steps between log lines", "loop", low=1),
+        Hyper("val_every", val_every, "steps between validations", "loop", low=1),
+        Hyper("ckpt_every", ckpt_every, "steps between last.pt saves", "loop", low=1),
     ]
 
 
@@ -156,8 +178,9 @@ def resolve_config(args, hypers, presets, stage, exclude=()):
     """
     skip = {"resume", "overwrite", "dry_run", "out", "preset", *exclude}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    check_values(given, hypers)
     if args.resume:
-        return check_config(_resume_config(args, given, stage))
+        return check_config(_resume_config(args, given, hypers, stage))
     preset = args.preset or ("full" if torch.cuda.is_available() else "demo")
     config = preset_values(hypers, presets, preset)
     config.update(given)
@@ -167,21 +190,61 @@ def resolve_config(args, hypers, presets, stage, exclude=()):
     return check_config(config)
 
 
-def check_config(config):
-    """Refuse loop settings that would only fail (or divide by zero) after start-up."""
-    for key in ("steps", "batch_size", "log_every", "val_every", "ckpt_every"):
-        if key in config and not (isinstance(config[key], int) and config[key] >= 1):
-            raise UserError(f"--{key.replace('_', '-')} {config[key]}: must be a whole number >= 1")
-    if config.get("stop_at") is not None and config["stop_at"] < 1:
-        raise UserError(f"--stop-at {config['stop_at']}: must be a step >= 1")
-    lr = config.get("lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise UserError(f"--lr {lr}: must be a positive finite number")
+def check_values(values, hypers, where=None):
+    """One line for the first hyperparameter value that cannot work: named as its flag (`where` None), or as
+    the key of the file `where` describes."""
+    for hyper in hypers:
+        if hyper.name in values and (problem := hyper.problem(values[hyper.name])):
+            name, value = hyper.name, values[hyper.name]
+            if where is None:
+                raise UserError(f"--{name.replace('_', '-')} {value}: {problem}")
+            raise UserError(f"{where} has {name} = {json.dumps(value, default=str)[:60]}, which {problem}")
+
+
+def checked_file_config(state, hypers, where, derived=()):
+    """The run config a checkpoint holds, checked where it is read: a dict whose hyperparameters have their
+    types (one missing from a run older than the hyperparameter takes its `full` value) and whose `derived`
+    entries, (key, test, what it must be), pass; else one line naming the file and the key."""
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise UserError(f"{where} holds no run config")
+    check_values(config, hypers, f"{where}: its config")
+    config = {**{h.name: h.full for h in hypers}, **config}
+    for key, test, what in derived:
+        if not test(config.get(key)):
+            raise UserError(f"{where}: its config has {key} = {json.dumps(config.get(key), default=str)[:60]}, "
+                            f"which must be {what}")
     return config
 
 
-def _resume_config(args, given, stage=None):
-    """On --resume the run's own config wins; a flag that would change the model or data is refused."""
+def is_whole(value, low=1):
+    """A whole number >= low (bool is not a number here)."""
+    return type(value) is int and value >= low
+
+
+def is_shape(value, length):
+    """A list of `length` whole numbers >= 1."""
+    return isinstance(value, list) and len(value) == length and all(is_whole(v) for v in value)
+
+
+def is_finite(value, low=0.0):
+    """A finite number >= low."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= low
+
+
+def check_config(config):
+    """Refuse settings that would only fail (or divide by zero) after start-up."""
+    if config.get("stop_at") is not None and config["stop_at"] < 1:
+        raise UserError(f"--stop-at {config['stop_at']}: must be a step >= 1")
+    if not config["lr"] > 0:
+        raise UserError(f"--lr {config['lr']}: must be a positive finite number")
+    return config
+
+
+def _resume_config(args, given, hypers, stage=None):
+    """On --resume the run's own config wins; a flag that would change the model or data is refused. The file is
+    checked where it is read: every hyperparameter present and of its type (a key that a run from before the
+    hyperparameter existed lacks takes its `full` value, which it then had), preset and stage named."""
     path = Path(args.resume) / "config.json"
     if not path.is_file():
         raise UserError(f"--resume {args.resume}: no config.json there (not a run directory, or a run stopped "
@@ -190,8 +253,16 @@ def _resume_config(args, given, stage=None):
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"--resume {args.resume}: config.json is unreadable ({err})") from None
+    where = f"--resume {args.resume}: config.json"
     if not isinstance(config, dict):
-        raise UserError(f"--resume {args.resume}: config.json is not a run config")
+        raise UserError(f"{where} is not a run config (a JSON object)")
+    for key in ("preset", "stage"):
+        if not isinstance(config.get(key), str):
+            raise UserError(f"{where} has no {key} name (it is not a run config of this repo, or was edited)")
+    check_values(config, hypers, where)
+    if not config.get("lr", 1) > 0:
+        raise UserError(f"{where} has lr = {config['lr']}, which must be a positive number")
+    config = {**{h.name: h.full for h in hypers}, **config}
     if stage is not None and config.get("stage", stage) != stage:
         raise UserError(f"--resume {args.resume}: a '{config.get('stage')}' run, not a '{stage}' run "
                         f"(resume it with its own script)")

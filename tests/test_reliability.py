@@ -332,7 +332,8 @@ def _hostile_files(tmp_path, kind, like):
     return marker, {"evil": evil, "truncated": truncated, "noise": noise}
 
 
-EXPECT = {"evil": "refused, the file holds pickled Python objects", "truncated": "not a readable checkpoint",
+EXPECT = {"evil": "refused, the file holds pickled code or objects, which are never loaded",
+          "truncated": "not a readable checkpoint",
           "noise": "not a readable checkpoint"}
 
 
