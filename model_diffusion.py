@@ -374,18 +374,37 @@ def _predict(eps_fn, schedule, x, t, z, clip_x0):
     return eps, x0, tt
 
 
+def respaced_posterior(schedule, t, t_prev):
+    """(c1, c2, variance) of q(x_{t_prev} | x_t, x0) = N(c1 x0 + c2 x_t, variance) for any t_prev < t.
+
+    The steps ts of a respaced sampler form a shorter chain of their own whose betas are
+    1 - abar_t / abar_t_prev (Nichol & Dhariwal's respacing); Ho et al.'s eq. 7 then holds with those betas.
+    At t_prev = t - 1 these are the schedule's own posterior tables, t_prev = -1 is the clean data.
+    """
+    abar, abar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    beta = 1.0 - abar / abar_prev
+    c1 = beta * math.sqrt(abar_prev) / (1.0 - abar)
+    c2 = (1.0 - abar_prev) * math.sqrt(1.0 - beta) / (1.0 - abar)
+    return c1, c2, beta * (1.0 - abar_prev) / (1.0 - abar)
+
+
 @torch.no_grad()
-def ddpm_sample(eps_fn, schedule, shape, z, generator=None, callback=None, clip_x0=None, x_init=None, device=None):
-    """Ancestral sampling (Ho et al.): T steps x_{t-1} ~ N(posterior mean given predicted x0, beta_tilde_t)."""
+def ddpm_sample(eps_fn, schedule, shape, z, steps=None, generator=None, callback=None, clip_x0=None, x_init=None,
+                device=None, spacing="time"):
+    """Ancestral sampling (Ho et al.): x_{t_prev} ~ N(posterior mean given predicted x0, beta_tilde), over all T
+    steps or over `steps` respaced ones (see `respaced_posterior`)."""
     x, device = _start(shape, z, generator, x_init, device)
-    T = schedule.timesteps
-    for i, t in enumerate(range(T - 1, -1, -1)):
-        _, x0, tt = _predict(eps_fn, schedule, x, t, z, clip_x0)
-        mean, _, log_var = schedule.posterior_mean_variance(x0, x, tt)
+    ts = sampling_timesteps(schedule, steps or schedule.timesteps, spacing)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        _, x0, _ = _predict(eps_fn, schedule, x, t, z, clip_x0)
+        c1, c2, variance = respaced_posterior(schedule, t, t_prev)
         # The last step returns the mean: its posterior variance is 0.
-        x = mean + (0.5 * log_var).exp() * _randn(x.shape, generator, device) if t > 0 else mean
+        x = c1 * x0 + c2 * x
+        if t_prev >= 0:
+            x = x + math.sqrt(variance) * _randn(x.shape, generator, device)
         if callback is not None:
-            callback(i, T, x, x0)
+            callback(i, len(ts), x, x0)
     return x
 
 
@@ -472,19 +491,17 @@ def sample(model, schedule, shape, z, sampler="ddpm", steps=None, eta=0.0, guida
     """Draw latents of `shape` from `model` with one of 'ddpm', 'ddim', 'dpmpp' (model in eval mode meanwhile)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}, expected one of {SAMPLERS}")
-    if sampler == "ddpm" and steps not in (None, schedule.timesteps):
-        raise ValueError(f"the ddpm sampler takes all {schedule.timesteps} steps; use ddim or dpmpp for fewer")
     device = next(model.parameters()).device
     z = _as_z(z, shape[0], device)
     eps_fn = guided(model, guidance, objective, schedule)
     common = dict(generator=generator, callback=callback, clip_x0=clip_x0, x_init=x_init, device=device)
-    if spacing is not None and sampler != "ddpm":
+    if spacing is not None:
         common["spacing"] = spacing
     was_training = model.training
     model.eval()
     try:
         if sampler == "ddpm":
-            return ddpm_sample(eps_fn, schedule, shape, z, **common)
+            return ddpm_sample(eps_fn, schedule, shape, z, steps=steps, **common)
         if sampler == "ddim":
             return ddim_sample(eps_fn, schedule, shape, z, steps=steps or 50, eta=eta, **common)
         return dpmpp_2m_sample(eps_fn, schedule, shape, z, steps=steps or 20, **common)

@@ -18,14 +18,15 @@ import stage_two
 import trainer as tr
 import util
 from model_pixelCNN import GatedPixelCNN, bits_per_code, code_loss, sample_codes
+from util import UserError
 
 H = tr.Hyper
 HYPERS = [
-    H("hidden", 192, "channels of the gated stacks", "model"),
-    H("n_layers", 15, "gated layers (first is type A, the rest type B)", "model"),
-    H("kernel_size", 5, "odd kernel size of the masked convolutions", "model"),
-    H("dropout", 0.0, "dropout in the gated layers", "model"),
-    H("sample_every", 1, "write a sample grid every N validations", "output"),
+    H("hidden", 192, "channels of the gated stacks", "model", low=1),
+    H("n_layers", 15, "gated layers (first is type A, the rest type B)", "model", low=1),
+    H("kernel_size", 5, "odd kernel size of the masked convolutions", "model", low=3),
+    H("dropout", 0.0, "dropout in the gated layers", "model", high=1),
+    H("sample_every", 1, "write a sample grid every N validations", "output", low=1),
     *stage_two.prior_hypers(steps=100000, batch_size=64, lr=3e-4, warmup=1000, lr_schedule="cosine",
                             log_every=100, val_every=5000, ckpt_every=5000),
 ]
@@ -96,6 +97,8 @@ class PixelCNNPrior(stage_two.Prior):
         parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")
 
     def sample_options(self, args, config):
+        if not tr.is_finite(args.temperature):
+            raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0 (near 0: greedy)")
         return {"temperature": args.temperature}
 
     def describe(self, options):

@@ -29,17 +29,17 @@ from util import UserError
 H = tr.Hyper
 HYPERS = [
     H("size", 256, "image size the slices are resized to", "data", choices=(32, 64, 128, 256)),
-    H("ch", 128, "base width of encoder/decoder", "model"),
+    H("ch", 128, "base width of encoder/decoder", "model", low=1),
     H("ch_mult", [1, 2, 4, 4], "width multipliers per level, e.g. 1,2,4 (each level after the first halves the "
       "size)", "model"),
     H("num_res_blocks", 2, "ResBlocks per level", "model"),
     H("attn_resolutions", [32], "feature sizes with self-attention, e.g. 32 ('' for none)", "model"),
-    H("z_channels", 4, "latent channels", "model"),
+    H("z_channels", 4, "latent channels", "model", low=1),
     H("decoder_extra_block", True, "decoder gets num_res_blocks + 1 ResBlocks per level, as LDM; --no-... "
       "matches MONAI", "model"),
-    H("dropout", 0.0, "dropout in ResBlocks", "model"),
-    H("n_embed", 1024, "VQ codebook size", "model", applies="vqvae"),
-    H("embed_dim", 4, "VQ code dimension", "model", applies="vqvae"),
+    H("dropout", 0.0, "dropout in ResBlocks", "model", high=1),
+    H("n_embed", 1024, "VQ codebook size", "model", applies="vqvae", low=2),
+    H("embed_dim", 4, "VQ code dimension", "model", applies="vqvae", low=1),
     H("vq_ema", True, "EMA codebook updates with dead-code restart", "model", applies="vqvae", arg="ema"),
     H("rec_loss", "l1", "pixel reconstruction loss (L1: sharper than L2 on MRI edges)", "loss", choices=("l1", "l2")),
     H("perceptual", "auto", "perceptual loss (auto: LPIPS-VGG if its weights are local, else MS-SSIM; ssim: "
@@ -49,12 +49,12 @@ HYPERS = [
     H("disc_start", 50000, "step at which the PatchGAN is switched on (after the decoder has learnt the anatomy)",
       "loss"),
     H("disc_weight", 0.5, "GAN loss weight (times the adaptive weight); 0 disables the GAN", "loss"),
-    H("disc_ch", 64, "discriminator base width", "loss"),
-    H("disc_layers", 3, "discriminator stride-2 layers (its receptive field)", "loss"),
+    H("disc_ch", 64, "discriminator base width", "loss", low=1),
+    H("disc_layers", 3, "discriminator stride-2 layers (its receptive field)", "loss", low=1),
     H("gan_loss", "hinge", "GAN loss", "loss", choices=("hinge", "nonsat")),
     H("kl_weight", 1e-6, "maximum KL weight", "loss", applies="vae"),
-    H("kl_cycles", 4, "number of cyclical KL annealing cycles", "loss", applies="vae"),
-    H("kl_ramp", 0.5, "fraction of each cycle spent ramping the KL weight up", "loss", applies="vae"),
+    H("kl_cycles", 4, "number of cyclical KL annealing cycles", "loss", applies="vae", low=1),
+    H("kl_ramp", 0.5, "fraction of each cycle spent ramping the KL weight up", "loss", applies="vae", high=1),
     *tr.loop_hypers(steps=150000, batch_size=16, lr=1e-4, warmup=1000, lr_schedule="cosine", log_every=50,
                     val_every=2000, ckpt_every=2000),
     H("val_max", 1120, "validate slices used per validation (0: all)", "loop"),
@@ -98,6 +98,10 @@ def load_autoencoder(path, device, flag="--ae"):
         ("num_z", tr.is_whole, "a whole number >= 1")])
     if ckpt.get("model_type") not in ("vae", "vqvae") or not isinstance(ckpt.get("model_config"), dict):
         raise UserError(f"{where}: holds no model_type (vae or vqvae) and model_config of a stage-one model")
+    if not isinstance(ckpt["config"].get("conditional"), bool) or ckpt["model_config"] != autoencoder_config(
+            {**ckpt["config"], "model": ckpt["model_type"]}):
+        # the two are written together from one config: a difference means the file was altered
+        raise UserError(f"{where}: its model_config does not match its run config (the file was altered)")
     try:
         model = build_autoencoder(ckpt["model_type"], ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
@@ -278,7 +282,7 @@ def main(argv=None):
     if args.dry_run:
         tr.print_config(config)
         return 0
-    task = StageOneTask(config, device, val.tensors())
+    task = tr.build_task(lambda: StageOneTask(config, device, val.tensors()), args)
     config["perceptual_used"] = task.perceptual_used  # recorded in config.json
     if rank == 0:
         print_data_notes(data_path, train, val, config["perceptual_used"])

@@ -30,17 +30,17 @@ from util import UserError
 
 H = tr.Hyper
 HYPERS = [
-    H("model_channels", 192, "UNet base width", "model"),
+    H("model_channels", 192, "UNet base width", "model", low=1),
     H("channel_mult", [1, 2, 4], "UNet width multipliers, e.g. 1,2,2", "model"),
     H("num_res_blocks", 2, "ResBlocks per level", "model"),
     H("attn_resolutions", [16, 8], "latent sizes with self-attention", "model"),
-    H("heads", 8, "attention heads", "model"),
-    H("dropout", 0.0, "dropout in ResBlocks", "model"),
+    H("heads", 8, "attention heads", "model", low=1),
+    H("dropout", 0.0, "dropout in ResBlocks", "model", high=1),
     H("schedule", "linear", "noise schedule", "loss", choices=("linear", "cosine")),
-    H("timesteps", 1000, "diffusion steps T", "loss"),
+    H("timesteps", 1000, "diffusion steps T", "loss", low=2),
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
     H("ema_decay", 0.9999, "EMA decay of the weights that validation and sampling use", "optimisation"),
-    H("sample_steps", 50, "DDIM steps of the validation sample grid", "output"),
+    H("sample_steps", 50, "DDIM steps of the validation sample grid", "output", low=1),
     *stage_two.prior_hypers(steps=200000, batch_size=64, lr=1e-4, warmup=1000, lr_schedule="constant",
                             log_every=100, val_every=5000, ckpt_every=5000),
 ]
@@ -141,21 +141,21 @@ class DiffusionPrior(stage_two.Prior):
 
     def add_sample_args(self, parser):
         parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="sampler")
-        parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: T for ddpm, 50 otherwise)")
+        parser.add_argument("--steps", type=int, default=None,
+                            help="sampling steps (default: T for ddpm, 50 otherwise; ddpm with fewer is respaced)")
         parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
         parser.add_argument("--clip-x0", type=float, default=None,
                             help="clip predicted x0 to +-this (default: the training latents' range; 0: no clipping)")
 
     def sample_options(self, args, config):
         T = config["timesteps"]
-        if args.sampler == "ddpm" and args.steps not in (None, T):
-            raise UserError(f"--steps {args.steps}: the ddpm sampler takes all {T} steps of this model; "
-                            f"use --sampler ddim or dpmpp for fewer")
         if args.steps is not None and not 1 <= args.steps <= T:
             raise UserError(f"--steps {args.steps}: must lie in 1..{T} (the model's diffusion steps)")
-        if args.clip_x0 is not None and args.clip_x0 < 0:
+        if not tr.is_finite(args.eta):
+            raise UserError(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM)")
+        if args.clip_x0 is not None and not tr.is_finite(args.clip_x0):
             raise UserError(f"--clip-x0 {args.clip_x0}: must be >= 0 (0 disables clipping)")
-        steps = T if args.sampler == "ddpm" else args.steps or min(50, T)
+        steps = args.steps or (T if args.sampler == "ddpm" else min(50, T))
         # --clip-x0: None -> the training latents' range recorded at training time; 0 -> no clipping
         clip = config.get("x0_clip") if args.clip_x0 is None else args.clip_x0 or None
         return dict(sampler=args.sampler, steps=steps, eta=args.eta, clip_x0=clip)

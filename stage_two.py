@@ -77,7 +77,8 @@ class Prior:
 def prior_hypers(**loop):
     """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs) and the
     loop's, with the prior's `full` values (see trainer.loop_hypers)."""
-    return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs", "loss"),
+    return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs",
+                     "loss", high=1),
             *tr.loop_hypers(**loop)]
 
 
@@ -234,7 +235,7 @@ def train(prior, args):
     if args.dry_run:
         tr.print_config(config)
         return 0
-    task = prior.task(prior, config, device, ae, cache)
+    task = tr.build_task(lambda: prior.task(prior, config, device, ae, cache), args)
     if rank == 0:
         print(f"{prior.summary(config)}; {prior.name} {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M "
               f"parameters")
@@ -342,14 +343,26 @@ def prepare_sampling(prior, args):
     return device, model, ae, ckpt, options
 
 
+def check_image_path(path, flag):
+    """A path an image can be written to: not a folder, an image file name, a writable folder."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"{flag} {path}: not an image file name (e.g. samples.png)")
+    util.check_writable(path.parent, flag)
+    return path
+
+
 def sample_cmd(prior, args):
     """`sample`: a PNG grid, a row per sample and a column per requested z-index."""
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     zs = parse_z_spec(args.z, config["num_z"]) if config["conditional"] else [-1]
     z = sample_grid_z(zs, args.n)
-    out = Path(args.out)
-    util.check_writable(out.parent, "--out")
+    out = check_image_path(args.out, "--out")
+    if getattr(args, "gif", None):
+        check_image_path(args.gif, "--gif")
     frames, callback = gif_recorder(ae, ckpt, z, device) if getattr(args, "gif", None) else ([], None)
     images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed,
                                args.batch_size, callback)

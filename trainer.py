@@ -728,6 +728,16 @@ def config_differences(saved, current):
             if k not in skip and plain(saved[k]) != plain(current[k])]
 
 
+def build_task(make, args):
+    """The Task that `make()` builds. Settings that no model can be built from (a constructor's ValueError,
+    e.g. an even PixelCNN kernel) end as one line naming where the settings came from."""
+    try:
+        return make()
+    except ValueError as err:
+        where = f"--resume {args.resume}: config.json" if args.resume else "the flags and preset"
+        raise UserError(f"{where}: these settings do not make a model ({str(err).splitlines()[0][:160]})") from None
+
+
 def start_run(task, config, data, resume, overwrite, rank, world, device):
     """Prepare the run directory (never clobbering a run), write config.json, build the Trainer, resume."""
     run_dir = Path(config["out"])

@@ -262,7 +262,7 @@ class JsonlLogger:
         """Drop records logged after `step` (used on resume: those steps will be redone)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in read_jsonl(self.path) if r.get("step", -1) <= step]
+        keep = [r for r in read_jsonl(self.path) if type(r.get("step")) in (int, float) and r["step"] <= step]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)

@@ -743,7 +743,7 @@ def bench_sample(job, cfg, device, meter):
         scale, evaluations = 1.0, steps
 
         if job["sampler"] == "ddpm":
-            # ancestral sampling takes all T steps; every step costs the same, so the first `steps` are timed
+            # the full ancestral sampler takes all T steps; every step costs the same, so the first `steps` are timed
             steps = min(steps, c["timesteps"])
             scale, evaluations = c["timesteps"] / steps, c["timesteps"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model_diffusion import (LatentUNet, NoiseSchedule, ddim_sample, ddim_sigma, ddim_step, ddpm_sample,
-                             diffusion_loss, dpmpp_2m_sample, guided, sample, sampling_timesteps)
+                             diffusion_loss, dpmpp_2m_sample, guided, respaced_posterior, sample, sampling_timesteps)
 
 T = 1000
 
@@ -169,6 +169,59 @@ def test_ddim_eta1_step_is_the_ddpm_posterior():
         torch.testing.assert_close(ddim_step(s, eps, x0, t, t - 1, eta=1.0), mean)
 
 
+def reference_ddpm(eps_fn, s, shape, generator):
+    """Ho et al.'s sampler written out over all T steps with the schedule's own posterior tables."""
+    x = torch.randn(shape, generator=generator)
+    for t in range(s.timesteps - 1, -1, -1):
+        tt = torch.full((shape[0],), t)
+        x0 = s.predict_x0_from_eps(x, tt, eps_fn(x, tt, None))
+        mean, var, _ = s.posterior_mean_variance(x0, x, tt)
+        x = mean + var.sqrt() * torch.randn(shape, generator=generator) if t > 0 else mean
+    return x
+
+
+def test_respaced_posterior_is_the_schedule_posterior_one_step_apart():
+    s = NoiseSchedule("cosine", T)
+    for t in (1, 2, 50, 500, 999):
+        c1, c2, var = respaced_posterior(s, t, t - 1)
+        assert c1 == pytest.approx(s.posterior_mean_coef1[t].item(), rel=1e-9)
+        assert c2 == pytest.approx(s.posterior_mean_coef2[t].item(), rel=1e-9)
+        assert var == pytest.approx(s.posterior_variance[t].item(), rel=1e-9)
+    assert respaced_posterior(s, 0, -1)[2] == 0.0  # the last step lands on the clean data
+
+
+def test_ddpm_with_all_steps_matches_the_written_out_sampler():
+    s = NoiseSchedule("linear", 50)
+    eps_fn = lambda x, t, z: 0.3 * x + 0.01 * t.view(-1, 1, 1, 1)  # any smooth eps model
+    shape = (3, 2, 4, 4)
+    want = reference_ddpm(eps_fn, s, shape, rng(5))
+    for steps in (None, 50):
+        torch.testing.assert_close(ddpm_sample(eps_fn, s, shape, None, steps=steps, generator=rng(5)), want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_respaced_ddpm_is_ddim_with_eta_one():
+    """Over the same respaced steps, ancestral sampling with the respaced betas and DDIM at eta = 1 are one
+    process (Song et al. sec. 4.1), written in two different forms here."""
+    s = NoiseSchedule("linear", T)
+    eps_fn = lambda x, t, z: 0.2 * x
+    shape = (3, 2, 4, 4)
+    for steps in (10, 37):
+        a = ddpm_sample(eps_fn, s, shape, None, steps=steps, generator=rng(2))
+        b = ddim_sample(eps_fn, s, shape, None, steps=steps, eta=1.0, generator=rng(2))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_respaced_ddpm_reproduces_gaussian_data_with_an_exact_denoiser():
+    """Each long ancestral step drops the x0 uncertainty c1^2 Var(x0 | x_t), so the spread shrinks with
+    fewer steps: 7% at 100 steps, 4% at 200 (as DDIM at eta 1, the same process)."""
+    s = NoiseSchedule("linear", T)
+    x = ddpm_sample(gaussian_oracle(s, 0.5, 0.5), s, (4000, 2), None, steps=200, generator=rng(0))
+    assert x.mean().item() == pytest.approx(0.5, abs=0.03) and x.std().item() == pytest.approx(0.5, rel=0.04)
+    few = ddpm_sample(gaussian_oracle(s, 0.5, 0.5), s, (4000, 2), None, steps=10, generator=rng(0))
+    assert few.std().item() < 0.9 * 0.5
+
+
 def test_ddim_eta0_is_deterministic_given_initial_noise():
     s = NoiseSchedule("linear", T)
     model = tiny_unet()
@@ -317,8 +370,8 @@ def test_sample_dispatcher():
         assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert model.training  # mode restored
-    with pytest.raises(ValueError):
-        sample(model, s, (2, 4, 8, 8), 7, sampler="ddpm", steps=10)
+    respaced = sample(model, s, (2, 4, 8, 8), 7, sampler="ddpm", steps=10, generator=rng(0))
+    assert respaced.shape == (2, 4, 8, 8) and torch.isfinite(respaced).all()
     with pytest.raises(ValueError):
         sample(model, s, (2, 4, 8, 8), 7, sampler="euler")
 

@@ -167,7 +167,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, vae_run, capsys, cli):
 # Sampling and evaluation
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5), ("dpmpp", 5)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 7), ("ddim", 5), ("dpmpp", 5)])
 def test_sample_writes_grid_and_gif_and_is_seeded(ldm_vae, tmp_path, capsys, sampler, steps, cli):
     base = ["sample", "--ckpt", ldm_vae / "best.pt", "--sampler", sampler, "--n", 2, "--z", "0,5,9", "--device", "cpu"]
     base += ["--steps", steps] if steps else []
@@ -264,8 +264,6 @@ def test_bad_inputs_give_one_clear_line(tmp_path, vae_run, ldm_vae):
         _sd("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", ldm_vae)
     with pytest.raises(UserError, match="a 'stage1' run, not a 'ldm' run"):
         _sd("train", "--resume", vae_run)
-    with pytest.raises(UserError, match="--steps 10: the ddpm sampler takes all 100 steps"):
-        _sd("sample", "--ckpt", ckpt, "--sampler", "ddpm", "--steps", 10, "--out", tmp_path / "s.png")
     with pytest.raises(UserError, match=r"--steps 500: must lie in 1\.\.100"):
         _sd("evaluate", "--ckpt", ckpt, "--steps", 500)
     with pytest.raises(UserError, match="--n 0 .*at least 1"):
