@@ -426,7 +426,10 @@ def _read_volume(path):
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(path, f"expected a 3-D volume, found shape {shape}")
-    return np.nan_to_num(data, copy=False), img.affine, shape, notes
+    bad = int(data.size - np.isfinite(data).sum())
+    if bad:
+        notes.append(f"{bad} NaN or infinite voxels read as background (0)")
+    return np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0), img.affine, shape, notes
 
 
 MAX_VOXEL_RATIO = 20  # in-plane voxel aspect beyond which an affine is taken for a broken header
@@ -450,7 +453,8 @@ def _volume_slices(path, num_slices, size):
     p_lo, p_hi = (float(v) for v in np.percentile(data[mask], [0.5, 99.5]))
     if p_hi <= p_lo:  # (nearly) constant brain: show it as plain white rather than divide by zero
         p_lo, p_hi = p_lo - 1.0, p_lo
-    scaled = np.clip((data[:, :, picks] - p_lo) / (p_hi - p_lo), 0, 1) * 255
+    # float64: the differences of extreme float32 voxels (up to +-3.4e38) would overflow to inf - inf = NaN
+    scaled = np.clip((data[:, :, picks].astype(np.float64) - p_lo) / (p_hi - p_lo), 0, 1) * 255
     scaled[~mask[:, :, picks]] = 0  # keep the background black even when p_lo < 0
     scaled = np.round(scaled).astype(np.uint8)
     zooms = np.sqrt((affine[:3, :2] ** 2).sum(axis=0))

@@ -399,6 +399,45 @@ class Task:
         """Restore what `extra_state` saved."""
 
 
+class ThreadGovernor:
+    """Keeps torch's CPU threads to the cores other processes leave free.
+
+    torch's OpenMP threads meet at a barrier after every parallel region: a thread whose core another process
+    holds arrives a scheduler time slice late, and the others wait for it, so on 2 cores one busy foreign
+    process slowed a 2-thread training step ~10x (measured; docs/RESULTS.md), where one thread on the free
+    core loses nothing. At start-up and at every log step this reads the cores others kept busy
+    (/proc/stat) and sets the threads to the cores left (at least 1, at most torch's start-up count), saying
+    so when the count changes. Off on CUDA, outside Linux, and wherever OMP_NUM_THREADS fixes the count."""
+
+    BUSY = 0.3  # a core that others keep busier than this counts as taken
+
+    def __init__(self, device, say=print):
+        self.say = say
+        self.last = util.cpu_times() if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ else None
+        self.enabled = self.last is not None
+        self.most = torch.get_num_threads()
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def threads_for(self, foreign):
+        """Threads to use while other processes keep `foreign` cores busy."""
+        taken = math.ceil(max(foreign - self.BUSY, 0.0))
+        return max(1, min(self.most, self.cores - taken))
+
+    def adjust(self, min_wall=0.2):
+        """Re-read the load since the last call (if `min_wall` seconds have passed) and set the threads."""
+        if not self.enabled:
+            return
+        now = util.cpu_times()
+        if now is None or now[2] - self.last[2] < min_wall:
+            return
+        foreign, self.last = util.foreign_cores(self.last, now), now
+        threads = self.threads_for(foreign or 0.0)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.say(f"note: other processes kept {foreign:.1f} of {self.cores} cores busy: training on {threads} "
+                     f"thread{'s' if threads > 1 else ''} now (set OMP_NUM_THREADS to fix the count)")
+
+
 class Trainer:
     """Runs a Task over in-memory training tensors; see the module docstring."""
 
@@ -651,6 +690,9 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, leave=True,
                    file=sys.stdout, mininterval=1.0)
         metrics, t_last, items = {}, time.perf_counter(), 0
+        governor = ThreadGovernor(self.device, bar.write)
+        time.sleep(0.25 if governor.enabled else 0)  # a first reading of the load before the first step
+        governor.adjust()
         while self.step < total:
             batch = self.next_batch()
             lr = lr_at(self.step, cfg)
@@ -668,6 +710,9 @@ class Trainer:
                 rate = items / max(time.perf_counter() - t_last, 1e-9)
                 record = {k: float(v) for k, v in losses.items()}
                 record[f"{self.task.items_name}_per_s"] = rate
+                if governor.enabled:
+                    record["threads"] = torch.get_num_threads()
+                    governor.adjust()
                 self.log(record)
                 bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in list(record.items())[:5]}, refresh=False)
                 t_last, items = time.perf_counter(), 0

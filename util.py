@@ -13,6 +13,7 @@ import pickletools
 import random
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -145,6 +146,29 @@ def map_batches(fn, tensors, device, batch_size=64, amp=True):
         with autocast(device, enabled=amp):
             outs.append(fn(*(t[i:i + batch_size].to(device) for t in tensors)).cpu())
     return torch.cat(outs)
+
+
+def cpu_times():
+    """(core-seconds every process on the machine has been busy, this process's CPU seconds, wall seconds) now,
+    from /proc/stat (Linux); None elsewhere. Two readings give the cores other processes kept busy between."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime, time.perf_counter()
+
+
+def foreign_cores(before, after):
+    """Average cores that other processes kept busy between two `cpu_times` readings (None if unknown)."""
+    if before is None or after is None or after[2] <= before[2]:
+        return None
+    busy, mine, wall = (a - b for a, b in zip(after, before))
+    return max(busy - mine, 0.0) / wall
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,19 @@ matplotlib.use("Agg")  # files only, no display needed
 from util import UserError  # noqa: E402
 
 
+def count_gflop(step_fn, batch, digits=3):
+    """GFLOP per item of `step_fn(batch)` (forward + backward for training), attention on the math path, which
+    torch.utils.flop_counter can see; rounded to `digits` decimals (None: not rounded)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel([SDPBackend.MATH]), counter:
+        step_fn(batch)
+    gflop = counter.get_total_flops() / batch / 1e9
+    return gflop if digits is None else round(gflop, digits)
+
+
 def save_figure(fig, out, dpi=120):
     """Write the figure (creating its folder) and close it; an unwritable path is a one-line error."""
     import matplotlib.pyplot as plt

@@ -32,6 +32,7 @@ Commands (from the repo root):
     python playground/benchmark.py --monai-path /tmp/monai_site --out bench.json --channels-last --compile
     python playground/benchmark.py --monai-path /tmp/monai_site --only vae,unet --rounds 3   # ratios for the README
     python playground/benchmark.py --quick --threads 1               # tiny configs in seconds (the test's mode)
+    python playground/benchmark.py --preset full                     # the full recipe's costs and GPU projection
 """
 import argparse
 import importlib.util
@@ -44,6 +45,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import count_gflop  # first: it puts the repo on sys.path
+import util  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_TAG = "BENCH_RESULT "
@@ -103,6 +107,9 @@ def parse_args(argv):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N most expensive ops (torch.profiler, self time) of each training step")
     p.add_argument("--timeout", type=int, default=900, help="seconds one worker may take")
+    p.add_argument("--preset", choices=["full", "demo", "smoke"], default=None,
+                   help="instead: the costs of each trainer's preset (parameters, GFLOP, memory, CPU step, GPU "
+                        "projection; playground/full_costs.py, which takes --threads, --repeats and --out too)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -218,6 +225,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
+    if args.preset:
+        import full_costs
+
+        given = [(flag, value) for flag, value in (("--threads", args.threads), ("--repeats", args.repeats),
+                                                    ("--out", args.out)) if value is not None]
+        return full_costs.main(["--preset", args.preset, *(str(v) for pair in given for v in pair)])
     cfg = QUICK if args.quick else FULL
     threads = args.threads or default_threads()
     monai_path, monai_note = monai_status(args)
@@ -470,29 +483,16 @@ class Contention:
         self.wall = 0.0
         self._start = None
 
-    @staticmethod
-    def _sample():
-        import resource
-
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        return busy / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime, time.perf_counter()
-
     def start(self):
-        self._start = self._sample()
+        self._start = util.cpu_times()
 
     def stop(self):
-        end = self._sample()
-        if self._start is None or end is None:
-            return
-        busy, mine, wall = (e - s for e, s in zip(end, self._start))
-        self.total += max(busy - mine, 0.0)
-        self.wall += wall
+        end = util.cpu_times()
+        cores = util.foreign_cores(self._start, end)
+        if cores is not None:
+            wall = end[2] - self._start[2]
+            self.total += cores * wall
+            self.wall += wall
         self._start = None
 
     def cores(self):
@@ -533,17 +533,6 @@ def timed(fn, device, warmup, repeats, first_separately=False):
 
 def count_params(model):
     return round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-
-
-def count_gflop(step_fn, batch):
-    """GFLOP per item of `step_fn(batch_size)` (forward + backward for training), attention on the math path."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel([SDPBackend.MATH]), counter:
-        step_fn(batch)
-    return round(counter.get_total_flops() / batch / 1e9, 3)
 
 
 def profile_step(step, n):
@@ -887,4 +876,4 @@ def bench_data(job, cfg, device, meter):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    util.run_cli(main)

@@ -26,6 +26,8 @@ THREAD_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
 def pytest_configure(config):
     config.addinivalue_line("markers", "ddp: multi-process torchrun (gloo) runs; part of the default run, "
                                        "deselect with -m 'not ddp' when short of time")
+    config.addinivalue_line("markers", "full: one step of each trainer's full (256x256) preset; part of the default "
+                                       "run, deselect with -m 'not full' when short of time")
 
 
 @pytest.fixture(scope="session", autouse=True)

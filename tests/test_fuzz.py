@@ -535,3 +535,19 @@ def test_sampling_and_model_flags_that_cannot_work(runs, tmp_path, script, argv,
         "--ae", runs["vq"] / "best.pt", "--preset", "smoke", "--out", tmp_path / "run"]
     code, _, err = run(script.main, [*argv, *where])
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_nonfinite_and_extreme_voxels_are_background_not_nan_pixels(nifti_folder, tmp_path):
+    """Found by the long run: +-inf voxels became +-3.4e38, whose differences overflowed to NaN pixels."""
+    import warnings
+
+    import dataset
+
+    volume = np.asarray(nib.load(str(nifti_folder / "s05.nii.gz")).get_fdata(), np.float32)
+    volume[10, 12, 2:6] = [np.nan, np.inf, -np.inf, 3e38]
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 1.2, 1.0])), tmp_path / "v.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no invalid-value warnings on the way
+        slices, notes, _ = dataset._volume_slices(tmp_path / "v.nii.gz", 8, 32)
+    assert "3 NaN or infinite voxels read as background (0)" in notes
+    assert slices.dtype == np.uint8 and slices.shape == (8, 32, 32) and slices.max() > 0

@@ -8,6 +8,7 @@ import torch
 
 import prestage_train
 import trainer as tr
+import util
 
 H = tr.Hyper
 HYPERS = [H("width", 64, "channels", "model"), H("mode", "a", "a mode", "loss", choices=("a", "b")),
@@ -126,3 +127,39 @@ def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, cli):
     assert proc.returncode != 0
     assert "rank 1: non-finite loss at step 3: loss/mse = nan" in proc.stdout
     assert "rank 0: non-finite loss on another rank by step 3" in proc.stdout
+
+
+def test_thread_governor_gives_busy_cores_back(monkeypatch):
+    """Threads follow the cores other processes leave free (readings of util.cpu_times: busy core-seconds of the
+    machine, our CPU seconds, wall seconds), and are back to all once the load is gone."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    readings = iter([(10.0, 5.0, 100.0), (12.0, 6.0, 101.0), (13.9, 7.9, 102.0), (14.0, 7.95, 102.1)])
+    monkeypatch.setattr(util, "cpu_times", lambda: next(readings))
+    said = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gov = tr.ThreadGovernor(torch.device("cpu"), said.append)
+        gov.cores = 2
+        gov.adjust()  # others kept 2 - 1 = 1 core busy over that second
+        assert torch.get_num_threads() == 1 and said == [
+            "note: other processes kept 1.0 of 2 cores busy: training on 1 thread now (set OMP_NUM_THREADS to fix "
+            "the count)"]
+        gov.adjust()  # the load is gone: 1.9 busy core-seconds were all ours
+        assert torch.get_num_threads() == 2 and "training on 2 threads now" in said[-1]
+        gov.adjust()  # under min_wall since the last reading: nothing read, nothing changed
+        assert len(said) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_governor_rule_and_where_it_is_off(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    gov = tr.ThreadGovernor(torch.device("cpu"))
+    gov.cores, gov.most = 2, 2
+    assert [gov.threads_for(f) for f in (0.0, 0.25, 0.5, 1.0, 1.9)] == [2, 2, 1, 1, 1]
+    gov.cores, gov.most = 8, 6
+    assert [gov.threads_for(f) for f in (0.0, 1.0, 2.5, 7.5)] == [6, 6, 5, 1]
+    assert not tr.ThreadGovernor(torch.device("cuda")).enabled
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert not tr.ThreadGovernor(torch.device("cpu")).enabled  # the user's count stands
