@@ -405,8 +405,8 @@ class ThreadGovernor:
     torch's OpenMP threads meet at a barrier after every parallel region: a thread whose core another process
     holds arrives a scheduler time slice late, and the others wait for it, so on 2 cores one busy foreign
     process slowed a 2-thread training step ~10x (measured; docs/RESULTS.md), where one thread on the free
-    core loses nothing. At start-up and at every log step this reads the cores others kept busy
-    (/proc/stat) and sets the threads to the cores left (at least 1, at most torch's start-up count), saying
+    core loses nothing. At start-up and then every 2 s (checked after each step) this reads the cores others
+    kept busy (/proc/stat) and sets the threads to the cores left (at least 1, at most torch's start-up count), saying
     so when the count changes. Off on CUDA, outside Linux, and wherever OMP_NUM_THREADS fixes the count."""
 
     BUSY = 0.3  # a core that others keep busier than this counts as taken
@@ -423,12 +423,12 @@ class ThreadGovernor:
         taken = math.ceil(max(foreign - self.BUSY, 0.0))
         return max(1, min(self.most, self.cores - taken))
 
-    def adjust(self, min_wall=0.2):
-        """Re-read the load since the last call (if `min_wall` seconds have passed) and set the threads."""
-        if not self.enabled:
+    def adjust(self, min_wall=2.0):
+        """Re-read the load since the last reading, once `min_wall` seconds have passed, and set the threads."""
+        if not self.enabled or time.perf_counter() - self.last[2] < min_wall:
             return
         now = util.cpu_times()
-        if now is None or now[2] - self.last[2] < min_wall:
+        if now is None:
             return
         foreign, self.last = util.foreign_cores(self.last, now), now
         threads = self.threads_for(foreign or 0.0)
@@ -692,7 +692,7 @@ class Trainer:
         metrics, t_last, items = {}, time.perf_counter(), 0
         governor = ThreadGovernor(self.device, bar.write)
         time.sleep(0.25 if governor.enabled else 0)  # a first reading of the load before the first step
-        governor.adjust()
+        governor.adjust(min_wall=0.2)
         while self.step < total:
             batch = self.next_batch()
             lr = lr_at(self.step, cfg)
@@ -701,6 +701,7 @@ class Trainer:
             losses = self.task.train_step(batch, self.step)
             losses["lr"] = lr
             self.check_finite(losses)
+            governor.adjust()
             self.step += 1
             items += batch[0].shape[0] * self.world
             bar.update(1)
@@ -712,7 +713,6 @@ class Trainer:
                 record[f"{self.task.items_name}_per_s"] = rate
                 if governor.enabled:
                     record["threads"] = torch.get_num_threads()
-                    governor.adjust()
                 self.log(record)
                 bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in list(record.items())[:5]}, refresh=False)
                 t_last, items = time.perf_counter(), 0

@@ -133,7 +133,7 @@ def test_thread_governor_gives_busy_cores_back(monkeypatch):
     """Threads follow the cores other processes leave free (readings of util.cpu_times: busy core-seconds of the
     machine, our CPU seconds, wall seconds), and are back to all once the load is gone."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    readings = iter([(10.0, 5.0, 100.0), (12.0, 6.0, 101.0), (13.9, 7.9, 102.0), (14.0, 7.95, 102.1)])
+    readings = iter([(10.0, 5.0, 100.0), (12.0, 6.0, 101.0), (13.9, 7.9, 102.0), (14.0, 8.0, 103.0)])
     monkeypatch.setattr(util, "cpu_times", lambda: next(readings))
     said = []
     before = torch.get_num_threads()
@@ -141,14 +141,14 @@ def test_thread_governor_gives_busy_cores_back(monkeypatch):
         torch.set_num_threads(2)
         gov = tr.ThreadGovernor(torch.device("cpu"), said.append)
         gov.cores = 2
-        gov.adjust()  # others kept 2 - 1 = 1 core busy over that second
+        gov.adjust()  # others kept 2 - 1 = 1 core busy over that second (the fake clock is far behind the real)
         assert torch.get_num_threads() == 1 and said == [
             "note: other processes kept 1.0 of 2 cores busy: training on 1 thread now (set OMP_NUM_THREADS to fix "
             "the count)"]
         gov.adjust()  # the load is gone: 1.9 busy core-seconds were all ours
         assert torch.get_num_threads() == 2 and "training on 2 threads now" in said[-1]
-        gov.adjust()  # under min_wall since the last reading: nothing read, nothing changed
-        assert len(said) == 2
+        gov.adjust(min_wall=1e12)  # too soon after the last reading: nothing read, nothing changed
+        assert len(said) == 2 and next(readings) == (14.0, 8.0, 103.0)
     finally:
         torch.set_num_threads(before)
 
