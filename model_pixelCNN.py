@@ -205,15 +205,30 @@ def code_loss(model, indices, z=None, p_uncond=0.0):
 # Sampling
 
 
-def _draw(logits, temperature, generator=None):
-    """Pick codes from logits [B, K]: argmax when temperature <= GREEDY_TEMPERATURE, else sample softmax(l/T).
+def truncate(logits, top_k=0, top_p=1.0):
+    """Logits [B, K] with every code outside the `top_k` most likely (0: all) and outside the smallest set whose
+    probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020; 1: all) set to -inf."""
+    if top_k and top_k < logits.shape[1]:
+        kth = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=1, descending=True)
+        probs = sorted_logits.softmax(dim=1)
+        beyond = probs.cumsum(dim=1) - probs >= top_p  # the more likely codes already hold top_p
+        logits = logits.masked_fill(torch.zeros_like(beyond).scatter(1, order, beyond), float("-inf"))
+    return logits
+
+
+def _draw(logits, temperature, generator=None, top_k=0, top_p=1.0):
+    """Pick codes from logits [B, K]: argmax when temperature <= GREEDY_TEMPERATURE, else sample softmax(l/T)
+    over the codes `truncate` keeps.
 
     Sampling is by inverse CDF with one uniform per row, so a generator's stream is used identically
     whatever the logits are (reproducible, and easy to replay in tests).
     """
     if temperature <= GREEDY_TEMPERATURE:
         return logits.argmax(dim=1)
-    probs = torch.softmax(logits.float() / temperature, dim=1)
+    probs = torch.softmax(truncate(logits.float() / temperature, top_k, top_p), dim=1)
     u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
     cdf = probs.cumsum(dim=1)
     return (cdf < u * cdf[:, -1:]).sum(dim=1).clamp(max=logits.shape[1] - 1)
@@ -278,7 +293,7 @@ def _flat(cond_term):
     return cond_term.flatten(1) if torch.is_tensor(cond_term) else cond_term
 
 
-def _fill_raster(model, caches, codes, x, temperature, generator, guidance):
+def _fill_raster(model, caches, codes, x, temperature, generator, guidance, top_k=0, top_p=1.0):
     """Fill `codes` (and its embedding `x`, which the caches read) position by position in raster order."""
     for i in range(codes.shape[1]):
         for cache in caches:
@@ -287,7 +302,7 @@ def _fill_raster(model, caches, codes, x, temperature, generator, guidance):
             logits = [cache.logits_at(j) for cache in caches]
             if len(logits) == 2:  # classifier-free guidance: uncond + s * (cond - uncond)
                 logits[0] = logits[1] + guidance * (logits[0] - logits[1])
-            picked = _draw(logits[0], temperature, generator)
+            picked = _draw(logits[0], temperature, generator, top_k, top_p)
             codes[:, i, j] = picked
             x[:, :, i, j] = model.embedding(picked)
     return codes
@@ -295,12 +310,13 @@ def _fill_raster(model, caches, codes, x, temperature, generator, guidance):
 
 @torch.no_grad()
 def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance=1.0, batch_size=None,
-                 num_threads=1):
+                 num_threads=1, top_k=0, top_p=1.0):
     """Sample code grids [B, h, w] in raster order.
 
     `z` is a LongTensor [B] of z-indices (-1 = unknown); for an unconditional model pass `z=None` and
     `batch_size`.  `temperature` divides the logits; `temperature <= 1e-4` (0 included) means greedy
-    argmax decoding, which is deterministic.  With a `generator` (on the model's device) the samples are
+    argmax decoding, which is deterministic; `top_k` / `top_p` sample among the most likely codes only (see
+    `truncate`; after guidance and temperature).  With a `generator` (on the model's device) the samples are
     reproducible.  `guidance != 1` mixes in the null-condition logits (classifier-free guidance; only
     meaningful for a model trained with `p_uncond > 0`), at twice the cost.  The model is put in eval mode,
     and torch's CPU thread count is set to `num_threads` (None: unchanged) for the duration: the per-position
@@ -320,7 +336,7 @@ def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance
         caches = [_RasterCache(model, x, cond)]
         if guidance != 1.0 and cond is not None:
             caches.append(_RasterCache(model, x, model.condition(None, batch)))
-        return _fill_raster(model, caches, codes, x, temperature, generator, guidance)
+        return _fill_raster(model, caches, codes, x, temperature, generator, guidance, top_k, top_p)
     finally:
         model.train(was_training)
         torch.set_num_threads(threads)

@@ -95,19 +95,28 @@ class PixelCNNPrior(stage_two.Prior):
 
     def add_sample_args(self, parser):
         parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")
+        parser.add_argument("--top-k", type=int, default=0, help="sample among the K most likely codes (0: all)")
+        parser.add_argument("--top-p", type=float, default=1.0,
+                            help="nucleus sampling: among the most likely codes that hold this probability (1: all)")
 
     def sample_options(self, args, config):
         if not tr.is_finite(args.temperature):
             raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0 (near 0: greedy)")
-        return {"temperature": args.temperature}
+        if not 0 <= args.top_k <= config["n_codes"]:
+            raise UserError(f"--top-k {args.top_k}: must lie in 0..{config['n_codes']} (the codebook size; 0: all)")
+        if not (tr.is_finite(args.top_p) and 0 < args.top_p <= 1):
+            raise UserError(f"--top-p {args.top_p}: must lie in (0, 1] (1: all codes)")
+        return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
     def describe(self, options):
-        return f"temperature {options['temperature']}", {"sampler": "pixelcnn", "temperature": options["temperature"]}
+        cut = "".join(f", {k.replace('_', '-')} {options[k]}" for k, off in (("top_k", 0), ("top_p", 1.0))
+                      if options.get(k, off) != off)
+        return f"temperature {options['temperature']}{cut}", {"sampler": "pixelcnn", **options}
 
     def draw(self, model, config, z, generator, guidance, options, callback=None):
         return sample_codes(model, tuple(config["grid"]), z if config["conditional"] else None,
                             temperature=options["temperature"], generator=generator, guidance=guidance,
-                            batch_size=len(z))
+                            batch_size=len(z), top_k=options.get("top_k", 0), top_p=options.get("top_p", 1.0))
 
 
 PRIOR = PixelCNNPrior()

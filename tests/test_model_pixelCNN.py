@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ def test_incremental_cache_matches_forward(n_layers, kernel_size, shape):
                 torch.testing.assert_close(cache.logits_at(j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
 
 
-def naive_sample(model, shape, z, temperature, generator, guidance=1.0):
+def naive_sample(model, shape, z, temperature, generator, guidance=1.0, top_k=0, top_p=1.0):
     """Reference sampler: the whole network on the whole grid for every position."""
     codes = torch.zeros(z.shape[0], *shape, dtype=torch.long)
     with torch.no_grad():
@@ -112,7 +113,7 @@ def naive_sample(model, shape, z, temperature, generator, guidance=1.0):
                 if guidance != 1.0:
                     uncond = model(codes, torch.full_like(z, -1))[:, :, i, j]
                     logits = uncond + guidance * (logits - uncond)
-                codes[:, i, j] = model_pixelCNN._draw(logits, temperature, generator)
+                codes[:, i, j] = model_pixelCNN._draw(logits, temperature, generator, top_k, top_p)
     return codes
 
 
@@ -248,3 +249,47 @@ def test_temperature_and_generator(overfit):
     other = sample_codes(model, (8, 8), z, temperature=3.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(hot, again)
     assert not torch.equal(hot, other)
+
+
+# ------------------------------------------------------------------------------------------
+# Top-k and nucleus truncation
+
+
+def kept_by_numpy(logits, top_k, top_p):
+    """Which codes survive, computed independently: rank by probability, keep the first k, then the shortest
+    prefix of the ranking whose probability reaches p."""
+    keep = np.zeros(logits.shape, bool)
+    for b, row in enumerate(logits.double().numpy()):
+        order = np.argsort(-row, kind="stable")
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        n = top_k or len(row)
+        if top_p < 1:
+            n = min(n, int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1))
+        keep[b, order[:n]] = True
+    return keep
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (0, 0.9), (3, 0.9)])
+def test_truncate_keeps_the_top_k_and_the_nucleus(top_k, top_p):
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(top_k))
+    kept = torch.isfinite(model_pixelCNN.truncate(logits, top_k, top_p)).numpy()
+    assert np.array_equal(kept, kept_by_numpy(logits, top_k, top_p))
+
+
+def test_truncated_sampling_draws_only_kept_codes_in_their_proportions():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    codes = model_pixelCNN._draw(logits, 1.0, torch.Generator().manual_seed(0), top_k=2)
+    share = torch.bincount(codes, minlength=5).float() / len(codes)
+    assert share[2:].sum() == 0
+    assert share[0].item() == pytest.approx(math.e / (math.e + 1), abs=0.01)  # renormalised over the two kept
+    assert torch.equal(model_pixelCNN._draw(logits[:50], 1.0, torch.Generator().manual_seed(1), top_k=1),
+                       torch.zeros(50, dtype=torch.long))  # top-1 is greedy
+
+
+def test_fast_sampler_matches_naive_sampler_with_truncation():
+    model = small_model(n_layers=2, kernel_size=3)
+    z = torch.tensor([0, 7, 30])
+    fast = sample_codes(model, (5, 6), z, 0.9, torch.Generator().manual_seed(4), guidance=2.0, top_k=4, top_p=0.8)
+    slow = naive_sample(model, (5, 6), z, 0.9, torch.Generator().manual_seed(4), guidance=2.0, top_k=4, top_p=0.8)
+    assert torch.equal(fast, slow)

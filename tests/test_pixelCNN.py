@@ -175,6 +175,27 @@ def test_guidance_reaches_the_sampler(pcnn_run, tmp_path, capsys):
     assert (tmp_path / "g3.png").read_bytes() != (tmp_path / "g1.png").read_bytes()
 
 
+def test_top_k_and_top_p_reach_the_sampler(pcnn_run, tmp_path, capsys, quick_eval):
+    base = ["sample", "--ckpt", pcnn_run / "best.pt", "--n", 1, "--z", "0,16,31", "--seed", 5]
+    _pc(*base, "--top-k", 3, "--top-p", 0.9, "--out", tmp_path / "t.png")
+    assert "(temperature 1.0, top-k 3, top-p 0.9, guidance 1.0)" in capsys.readouterr().out
+    model, ae, ckpt = stage_two.load_prior(pixelCNN.PRIOR, pcnn_run / "best.pt", CPU)
+    z = torch.tensor([0, 16, 31])
+    codes = sample_codes(model, tuple(ckpt["grid"]), z, 1.0, torch.Generator().manual_seed(5), top_k=3, top_p=0.9)
+    with Image.open(tmp_path / "t.png") as im:
+        assert np.array_equal(np.asarray(im), util.image_grid(stage_two.decode(ae, codes, z, CPU), nrow=3))
+    _pc("evaluate", "--ckpt", pcnn_run / "best.pt", "--n", 1, "--top-k", 5, "--out", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["top_k"] == 5 and m["top_p"] == 1.0
+    n_codes = ckpt["config"]["n_codes"]
+    for flags, message in ((["--top-k", n_codes + 1], f"--top-k {n_codes + 1}: must lie in 0..{n_codes}"),
+                           (["--top-k", -1], "--top-k -1: must lie in 0.."), (["--top-p", 0], "--top-p 0.0: must lie"),
+                           (["--top-p", "nan"], "--top-p nan: must lie in (0, 1]")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            _pc(*base, *flags, "--out", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_guidance_needs_a_prior_trained_with_condition_dropout(pcnn_run, tmp_path):
     ckpt = util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")
     ckpt["config"]["p_uncond"] = 0.0
