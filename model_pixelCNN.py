@@ -206,8 +206,9 @@ def code_loss(model, indices, z=None, p_uncond=0.0):
 
 
 def truncate(logits, top_k=0, top_p=1.0):
-    """Logits [B, K] with every code outside the `top_k` most likely (0: all) and outside the smallest set whose
-    probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020; 1: all) set to -inf."""
+    """Logits [B, K] with every code outside the `top_k` most likely (0: all) set to -inf, then every code outside
+    the smallest set of the remaining ones whose probability, renormalised over them, reaches `top_p` (nucleus
+    sampling, Holtzman et al. 2020; 1: all)."""
     if top_k and top_k < logits.shape[1]:
         kth = logits.topk(top_k, dim=1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -231,7 +232,10 @@ def _draw(logits, temperature, generator=None, top_k=0, top_p=1.0):
     probs = torch.softmax(truncate(logits.float() / temperature, top_k, top_p), dim=1)
     u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
     cdf = probs.cumsum(dim=1)
-    return (cdf < u * cdf[:, -1:]).sum(dim=1).clamp(max=logits.shape[1] - 1)
+    # The first code whose cdf exceeds u * total: never one of probability 0 (not even at u = 0), and at most
+    # the last code of positive probability (u * total can round up to the total).
+    last = (probs > 0).long().cumsum(dim=1).argmax(dim=1)
+    return torch.minimum((cdf <= u * cdf[:, -1:]).sum(dim=1), last)
 
 
 class _RasterCache:

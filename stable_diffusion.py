@@ -154,7 +154,7 @@ class DiffusionPrior(stage_two.Prior):
         if not tr.is_finite(args.eta):
             raise UserError(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM)")
         if args.clip_x0 is not None and not tr.is_finite(args.clip_x0):
-            raise UserError(f"--clip-x0 {args.clip_x0}: must be >= 0 (0 disables clipping)")
+            raise UserError(f"--clip-x0 {args.clip_x0}: must be a finite number >= 0 (0 disables clipping)")
         steps = args.steps or (T if args.sampler == "ddpm" else min(50, T))
         # --clip-x0: None -> the training latents' range recorded at training time; 0 -> no clipping
         clip = config.get("x0_clip") if args.clip_x0 is None else args.clip_x0 or None

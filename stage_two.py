@@ -343,13 +343,16 @@ def prepare_sampling(prior, args):
     return device, model, ae, ckpt, options
 
 
-def check_image_path(path, flag):
-    """A path an image can be written to: not a folder, an image file name, a writable folder."""
+def check_image_path(path, flag, animated=False):
+    """A path an image (an animation if `animated`) can be written to: not a folder, an image file name of a
+    format Pillow writes (animated: one it writes frames into), in a writable folder."""
     from PIL import Image
 
     path = Path(path)
-    if path.is_dir() or path.suffix.lower() not in Image.registered_extensions():
-        raise UserError(f"{flag} {path}: not an image file name (e.g. samples.png)")
+    image_format = None if path.is_dir() else Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None or image_format not in (Image.SAVE_ALL if animated else Image.SAVE):
+        example = "process.gif" if animated else "samples.png"
+        raise UserError(f"{flag} {path}: not {'an animation' if animated else 'an image'} file name (e.g. {example})")
     util.check_writable(path.parent, flag)
     return path
 
@@ -362,7 +365,7 @@ def sample_cmd(prior, args):
     z = sample_grid_z(zs, args.n)
     out = check_image_path(args.out, "--out")
     if getattr(args, "gif", None):
-        check_image_path(args.gif, "--gif")
+        check_image_path(args.gif, "--gif", animated=True)
     frames, callback = gif_recorder(ae, ckpt, z, device) if getattr(args, "gif", None) else ([], None)
     images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed,
                                args.batch_size, callback)

@@ -402,14 +402,15 @@ class Task:
 class ThreadGovernor:
     """Keeps torch's CPU threads to the cores other processes leave free.
 
-    torch's OpenMP threads meet at a barrier after every parallel region: a thread whose core another process
-    holds arrives a scheduler time slice late, and the others wait for it, so on 2 cores one busy foreign
-    process slowed a 2-thread training step ~10x (measured; docs/RESULTS.md), where one thread on the free
-    core loses nothing. At start-up and then every 2 s (checked after each step) this reads the cores others
-    kept busy (/proc/stat) and sets the threads to the cores left (at least 1, at most torch's start-up count), saying
-    so when the count changes. Off on CUDA, outside Linux, and wherever OMP_NUM_THREADS fixes the count."""
+    torch's OpenMP threads meet at a barrier after every parallel region, and a thread whose core another
+    process holds arrives a scheduler slice late, so its partners wait in every region: on 2 cores one busy
+    foreign process made a 2-thread step 43x slower, where one thread on the free core loses nothing
+    (docs/RESULTS.md). At start-up and then every 2 s this reads the cores others kept busy (/proc/stat, this
+    process's CPUs only) and trains on the cores left; `restore` puts the start-up count back. A different
+    thread count sums in a different order, so runs are bit-reproducible only with a fixed count: set
+    OMP_NUM_THREADS (as the tests do) and this stays off. Off on CUDA and where /proc/stat is not readable."""
 
-    BUSY = 0.3  # a core that others keep busier than this counts as taken
+    DROP, RISE = 0.4, 0.15  # a core busier than DROP is given up; one quieter than RISE is taken back
 
     def __init__(self, device, say=print):
         self.say = say
@@ -418,24 +419,33 @@ class ThreadGovernor:
         self.most = torch.get_num_threads()
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def threads_for(self, foreign):
-        """Threads to use while other processes keep `foreign` cores busy."""
-        taken = math.ceil(max(foreign - self.BUSY, 0.0))
-        return max(1, min(self.most, self.cores - taken))
+    def threads_for(self, foreign, current):
+        """Threads to use while other processes keep `foreign` cores busy, from `current` (the two thresholds
+        keep a load near either from switching the count back and forth)."""
+        fewer = self.cores - math.ceil(max(foreign - self.DROP, 0.0))
+        more = self.cores - math.ceil(max(foreign - self.RISE, 0.0))
+        target = fewer if fewer < current else more if more > current else current
+        return max(1, min(self.most, target))
 
     def adjust(self, min_wall=2.0):
         """Re-read the load since the last reading, once `min_wall` seconds have passed, and set the threads."""
         if not self.enabled or time.perf_counter() - self.last[2] < min_wall:
             return
         now = util.cpu_times()
-        if now is None:
+        foreign = util.foreign_cores(self.last, now)
+        if foreign is None:
             return
-        foreign, self.last = util.foreign_cores(self.last, now), now
-        threads = self.threads_for(foreign or 0.0)
+        self.last = now
+        threads = self.threads_for(foreign, torch.get_num_threads())
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             self.say(f"note: other processes kept {foreign:.1f} of {self.cores} cores busy: training on {threads} "
                      f"thread{'s' if threads > 1 else ''} now (set OMP_NUM_THREADS to fix the count)")
+
+    def restore(self):
+        """Back to the start-up thread count."""
+        if self.enabled:
+            torch.set_num_threads(self.most)
 
 
 class Trainer:
@@ -452,6 +462,7 @@ class Trainer:
         self.stop_signal = None
         self.pending = []  # (step, names, values) of losses not yet checked on the host (CUDA)
         self.old_handlers = {}  # signal handlers to put back after fit
+        self.governor = None  # the ThreadGovernor of a running fit
         self.perm, self.perm_epoch = None, None  # this epoch's data order
         n = data[0].shape[0]
         self.batch_size = config["batch_size"]
@@ -682,6 +693,8 @@ class Trainer:
             return self._fit()
         finally:
             self.restore_signal_handlers()
+            if self.governor is not None:
+                self.governor.restore()
 
     def _fit(self):
         cfg = self.config
@@ -690,7 +703,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, leave=True,
                    file=sys.stdout, mininterval=1.0)
         metrics, t_last, items = {}, time.perf_counter(), 0
-        governor = ThreadGovernor(self.device, bar.write)
+        self.governor = ThreadGovernor(self.device, bar.write if self.rank == 0 else lambda text: None)
+        governor = self.governor
         time.sleep(0.25 if governor.enabled else 0)  # a first reading of the load before the first step
         governor.adjust(min_wall=0.2)
         while self.step < total:

@@ -149,16 +149,23 @@ def map_batches(fn, tensors, device, batch_size=64, amp=True):
 
 
 def cpu_times():
-    """(core-seconds every process on the machine has been busy, this process's CPU seconds, wall seconds) now,
-    from /proc/stat (Linux); None elsewhere. Two readings give the cores other processes kept busy between."""
-    import resource
-
+    """(core-seconds the CPUs this process may run on have been busy, this process's CPU seconds, wall seconds)
+    now, from /proc/stat (Linux); None elsewhere. Two readings give the cores other processes kept busy between.
+    Only the CPUs of this process's affinity count (a cgroup or taskset share of a larger host)."""
     try:
+        import resource
+
+        allowed = os.sched_getaffinity(0)
+        busy = 0
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed:
+                    # user nice system idle iowait irq softirq steal (guest time is already inside user/nice)
+                    user, nice, system, _, _, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
+                    busy += user + nice + system + irq + softirq + steal
+    except (ImportError, AttributeError, OSError, ValueError):
         return None
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
     me = resource.getrusage(resource.RUSAGE_SELF)
     return busy / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime, time.perf_counter()
 

@@ -109,7 +109,8 @@ def parse_args(argv):
     p.add_argument("--timeout", type=int, default=900, help="seconds one worker may take")
     p.add_argument("--preset", choices=["full", "demo", "smoke"], default=None,
                    help="instead: the costs of each trainer's preset (parameters, GFLOP, memory, CPU step, GPU "
-                        "projection; playground/full_costs.py, which takes --threads, --repeats and --out too)")
+                        "projection; playground/full_costs.py, given --threads, --repeats, --out, --device and "
+                        "--only, whose names are then its trainers: vqvae,vae,diffusion,pixelcnn)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -229,7 +230,8 @@ def main(argv=None):
         import full_costs
 
         given = [(flag, value) for flag, value in (("--threads", args.threads), ("--repeats", args.repeats),
-                                                    ("--out", args.out)) if value is not None]
+                                                    ("--out", args.out), ("--device", args.device),
+                                                    ("--only", args.only)) if value is not None]
         return full_costs.main(["--preset", args.preset, *(str(v) for pair in given for v in pair)])
     cfg = QUICK if args.quick else FULL
     threads = args.threads or default_threads()

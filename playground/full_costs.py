@@ -8,14 +8,15 @@ script's own hyperparameter table and Task, and its real `train_step` runs on ra
 - GFLOP per image of one training step (forward and backward of every network, counted by
   torch.utils.flop_counter with attention on its math path; the optimiser's own arithmetic is not counted);
 - activation memory per image: the bytes autograd keeps for backward during one step (saved_tensors_hooks,
-  each storage once), at batch 2 minus batch 1 so that saved weights cancel. fp32 as on CPU, and the
-  generator's and discriminator's graphs summed: an upper bound (bf16 autocast stores most at half size);
+  each storage once), at batch 2 minus batch 1 so that saved weights cancel; fp32 as on CPU (bf16 autocast
+  stores most at half size), the generator's and discriminator's graphs summed. An estimate: gradients are
+  counted apart (below), temporaries and workspaces not at all;
 - measured CPU step time at batch 1 (median of --repeats after the counting steps warmed it up);
 - a PROJECTION, not a measurement: GPU step time = counted FLOPs x batch / (dense bf16 peak x --mfu), and the
   preset's whole run at that rate; the peak is 989 TFLOP/s for both the H100 SXM and the H200 (same compute);
-- memory at the preset's batch: fp32 weights, gradients and two Adam moments (16 bytes per parameter, +4
-  per parameter of an EMA copy) plus batch x activations; whether it fits 24, 40 and 80 GB with 10% kept
-  for the CUDA context and fragmentation, and the largest batch that fits each.
+- memory at the preset's batch, an estimate: fp32 weights, gradients and two Adam moments (16 bytes per
+  parameter, +4 per parameter of an EMA copy) plus batch x activations; whether it fits 24, 40 and 80 GB with
+  10% kept for the CUDA context, temporaries and fragmentation, and the largest batch that fits each.
 
 Commands (from the repo root):
     python playground/benchmark.py --preset full                     # the same as the next line
@@ -99,16 +100,16 @@ def build(trainer, preset="full", device="cpu", compile=False):
 
 
 def saved_bytes(step):
-    """Bytes of the distinct storages autograd saves for backward while `step()` runs."""
-    sizes = {}
+    """Bytes of the distinct storages autograd saves for backward while `step()` runs, over all its graphs (the
+    tensors are held until the end, so a freed storage's address cannot be reused and counted once for two)."""
+    held = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        sizes[storage.data_ptr()] = storage.nbytes()
+        held[t.untyped_storage().data_ptr()] = t
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return sum(sizes.values())
+    return sum(t.untyped_storage().nbytes() for t in held.values())
 
 
 def sig(x, digits=4):

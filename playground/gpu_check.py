@@ -40,8 +40,13 @@ def step_rates(device="cuda", preset="full", trainers=("vqvae", "vae", "diffusio
     for trainer in trainers:
         variants = [(False, False), (True, False)] + ([(True, True)] if trainer in compiled else [])
         for amp, compile in variants:
-            rows.append(full_costs.measure(trainer, preset, repeats, device=device, amp=amp, compile=compile,
-                                           batch=batch, count=False))
+            try:  # one variant that fails (an out-of-memory, a compiler error) keeps the rows measured so far
+                rows.append(full_costs.measure(trainer, preset, repeats, device=device, amp=amp, compile=compile,
+                                               batch=batch, count=False))
+            except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded in the report, not raised
+                rows.append(dict(trainer=trainer, amp=amp, compile=compile, error=f"{type(err).__name__}: {err}"))
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             print(f"step_rates: {json.dumps(rows[-1])}", flush=True)
     return rows
 
@@ -86,7 +91,7 @@ def run_parts(parts, kwargs):
         start = time.perf_counter()
         try:
             results[name] = {"result": globals()[name](**kwargs.get(name, {}))}
-        except Exception as err:  # noqa: BLE001 - a check reports every part it could run
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - a check reports every part it could run
             results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=4)}
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
         print(f"{name}: {'error' if 'error' in results[name] else 'done'} in {results[name]['seconds']} s", flush=True)
@@ -102,8 +107,9 @@ def markdown(results, meta):
                   "| trainer | precision | compile | batch | images/s | step s | peak GB | first steps s |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['trainer']} | {'bf16' if r['amp'] else 'fp32'} | {'yes' if r['compile'] else 'no'} | "
-                  f"{r['timed_batch']} | {r['images_per_s']} | {r['step_s']} | {r.get('peak_memory_gb', '-')} | "
-                  f"{r['first_steps_s']} |" for r in part["result"]]
+                  + (f"error: {r['error']} | | | | |" if "error" in r else
+                     f"{r['timed_batch']} | {r['images_per_s']} | {r['step_s']} | {r.get('peak_memory_gb', '-')} | "
+                     f"{r['first_steps_s']} |") for r in part["result"]]
         lines.append("")
     part = results.get("stage_one_run", {})
     if "result" in part:

@@ -257,15 +257,13 @@ def test_temperature_and_generator(overfit):
 
 def kept_by_numpy(logits, top_k, top_p):
     """Which codes survive, computed independently: rank by probability, keep the first k, then the shortest
-    prefix of the ranking whose probability reaches p."""
+    prefix of those whose probability, renormalised over the k, reaches p."""
     keep = np.zeros(logits.shape, bool)
     for b, row in enumerate(logits.double().numpy()):
-        order = np.argsort(-row, kind="stable")
-        probs = np.exp(row - row.max())
+        order = np.argsort(-row, kind="stable")[:top_k or len(row)]
+        probs = np.exp(row[order] - row.max())
         probs /= probs.sum()
-        n = top_k or len(row)
-        if top_p < 1:
-            n = min(n, int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1))
+        n = int(np.searchsorted(np.cumsum(probs), top_p) + 1) if top_p < 1 else len(order)
         keep[b, order[:n]] = True
     return keep
 
@@ -275,6 +273,23 @@ def test_truncate_keeps_the_top_k_and_the_nucleus(top_k, top_p):
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(top_k))
     kept = torch.isfinite(model_pixelCNN.truncate(logits, top_k, top_p)).numpy()
     assert np.array_equal(kept, kept_by_numpy(logits, top_k, top_p))
+
+
+def test_the_nucleus_is_taken_within_the_top_k():
+    # over all 40 codes the first two hold a quarter of the probability (the nucleus at 0.85 would keep more
+    # than three); renormalised over the top 3, they hold 0.91 and the nucleus keeps just them
+    logits = torch.tensor([[3.0, 2.0, 0.5] + [0.4] * 37]).log()
+    kept = torch.isfinite(model_pixelCNN.truncate(logits, top_k=3, top_p=0.85))
+    assert kept[0, :3].tolist() == [True, True, False] and not kept[0, 3:].any()
+    assert np.array_equal(kept.numpy(), kept_by_numpy(logits, 3, 0.85))
+
+
+def test_a_uniform_of_zero_never_draws_a_removed_code(monkeypatch):
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    for u in (0.0, 1.0 - 2**-24):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((1, 1), u))
+        picked = model_pixelCNN._draw(logits, 1.0, top_k=2).item()
+        assert picked in (1, 2)
 
 
 def test_truncated_sampling_draws_only_kept_codes_in_their_proportions():

@@ -229,7 +229,7 @@ def test_x0_clip_defaults_to_training_latent_range(ldm_vae, tmp_path):
     args.clip_x0 = 0.0
     assert sd.PRIOR.sample_options(args, ckpt["config"])["clip_x0"] is None  # 0 switches clipping off
     args.clip_x0 = -1.0
-    with pytest.raises(UserError, match="--clip-x0 -1.0: must be >= 0"):
+    with pytest.raises(UserError, match="--clip-x0 -1.0: must be a finite number >= 0"):
         sd.PRIOR.sample_options(args, ckpt["config"])
 
 
@@ -266,6 +266,12 @@ def test_bad_inputs_give_one_clear_line(tmp_path, vae_run, ldm_vae):
         _sd("train", "--resume", vae_run)
     with pytest.raises(UserError, match=r"--steps 500: must lie in 1\.\.100"):
         _sd("evaluate", "--ckpt", ckpt, "--steps", 500)
+    with pytest.raises(UserError, match=r"--gif \S+x\.jpg: not an animation file name \(e\.g\. process\.gif\)"):
+        _sd("sample", "--ckpt", ckpt, "--out", tmp_path / "s.png", "--gif", tmp_path / "x.jpg")
+    with pytest.raises(UserError, match=r"--out \S+s\.txt: not an image file name"):
+        _sd("sample", "--ckpt", ckpt, "--out", tmp_path / "s.txt")
+    with pytest.raises(UserError, match=r"--clip-x0 nan: must be a finite number >= 0"):
+        _sd("sample", "--ckpt", ckpt, "--clip-x0", "nan", "--out", tmp_path / "s.png")
     with pytest.raises(UserError, match="--n 0 .*at least 1"):
         _sd("sample", "--ckpt", ckpt, "--n", 0, "--out", tmp_path / "s.png")
     assert not (tmp_path / "s.png").exists()

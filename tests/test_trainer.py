@@ -2,6 +2,7 @@
 owned by the Trainer, and per-rank RNG streams under torchrun that resume exactly."""
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -131,9 +132,11 @@ def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, cli):
 
 def test_thread_governor_gives_busy_cores_back(monkeypatch):
     """Threads follow the cores other processes leave free (readings of util.cpu_times: busy core-seconds of the
-    machine, our CPU seconds, wall seconds), and are back to all once the load is gone."""
+    machine, our CPU seconds, wall seconds), are back to all once the load is gone, and to the start-up count
+    after `restore`."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    readings = iter([(10.0, 5.0, 100.0), (12.0, 6.0, 101.0), (13.9, 7.9, 102.0), (14.0, 8.0, 103.0)])
+    t = time.perf_counter() - 10  # readings 2 s apart, the last one now
+    readings = iter([(10.0, 5.0, t + 4), (14.0, 7.0, t + 6), (17.8, 10.8, t + 8), (18.0, 11.0, t + 10)])
     monkeypatch.setattr(util, "cpu_times", lambda: next(readings))
     said = []
     before = torch.get_num_threads()
@@ -141,14 +144,17 @@ def test_thread_governor_gives_busy_cores_back(monkeypatch):
         torch.set_num_threads(2)
         gov = tr.ThreadGovernor(torch.device("cpu"), said.append)
         gov.cores = 2
-        gov.adjust()  # others kept 2 - 1 = 1 core busy over that second (the fake clock is far behind the real)
+        gov.adjust()  # 4 busy core-seconds in 2 s, 2 of them ours: others kept 1 core busy
         assert torch.get_num_threads() == 1 and said == [
             "note: other processes kept 1.0 of 2 cores busy: training on 1 thread now (set OMP_NUM_THREADS to fix "
             "the count)"]
-        gov.adjust()  # the load is gone: 1.9 busy core-seconds were all ours
+        gov.adjust()  # the load is gone: the 3.8 busy core-seconds were all ours
         assert torch.get_num_threads() == 2 and "training on 2 threads now" in said[-1]
-        gov.adjust(min_wall=1e12)  # too soon after the last reading: nothing read, nothing changed
-        assert len(said) == 2 and next(readings) == (14.0, 8.0, 103.0)
+        gov.adjust(min_wall=1e9)  # too soon after the last reading: nothing read, nothing changed
+        assert len(said) == 2 and next(readings) == (18.0, 11.0, t + 10)
+        torch.set_num_threads(1)
+        gov.restore()
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
@@ -157,9 +163,22 @@ def test_thread_governor_rule_and_where_it_is_off(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     gov = tr.ThreadGovernor(torch.device("cpu"))
     gov.cores, gov.most = 2, 2
-    assert [gov.threads_for(f) for f in (0.0, 0.25, 0.5, 1.0, 1.9)] == [2, 2, 1, 1, 1]
+    # (cores others keep busy, threads now) -> threads; between 0.15 and 0.4 the count stays where it is
+    cases = {(0.0, 2): 2, (0.3, 2): 2, (0.5, 2): 1, (1.9, 2): 1, (1.0, 1): 1, (0.3, 1): 1, (0.1, 1): 2}
+    assert {case: gov.threads_for(*case) for case in cases} == cases
     gov.cores, gov.most = 8, 6
-    assert [gov.threads_for(f) for f in (0.0, 1.0, 2.5, 7.5)] == [6, 6, 5, 1]
+    cases = {(0.0, 6): 6, (1.0, 6): 6, (2.5, 6): 5, (7.5, 6): 1, (2.5, 5): 5, (1.1, 5): 6}
+    assert {case: gov.threads_for(*case) for case in cases} == cases
     assert not tr.ThreadGovernor(torch.device("cuda")).enabled
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert not tr.ThreadGovernor(torch.device("cpu")).enabled  # the user's count stands
+
+
+def test_cpu_times_counts_this_process(monkeypatch):
+    before = util.cpu_times()
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # 0.3 s of our own work on one core
+        pass
+    after = util.cpu_times()
+    assert after[1] - before[1] >= 0.2 and after[0] - before[0] >= 0.2  # ours is counted in the machine's busy time
+    assert util.foreign_cores(before, before) is None
