@@ -548,13 +548,6 @@ def profile_step(step, n):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
 
 
-def _autocast(device):
-    import torch
-
-    # As the trainers do: bf16 autocast on CUDA, plain fp32 on the CPU.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _prepare(model, job, device):
     """Model on the device, in channels_last if asked; returns (model, callable to train/run with)."""
     import torch
@@ -626,7 +619,7 @@ def bench_vae_train(job, cfg, device, meter):
 
     def loss_of(n):
         x, z = x_all[:n], z_all[:n]
-        with _autocast(device):
+        with util.autocast(device):  # as the trainers run: bf16 on CUDA, fp32 on CPU
             if job["impl"] == "ours":
                 out = runner(x, z if model.conditional else None)
                 recon, kl = out["recon"], out["kl"]
@@ -682,7 +675,7 @@ def bench_unet_train(job, cfg, device, meter):
         schedule = NoiseSchedule("linear", c["timesteps"])
 
         def loss_of(n):
-            with _autocast(device):
+            with util.autocast(device):
                 return diffusion_loss(runner, schedule, x0_all[:n], z_all[:n] if c["conditional"] else None,
                                       "eps", c["p_uncond"])[0]
     else:
@@ -696,7 +689,7 @@ def bench_unet_train(job, cfg, device, meter):
             noise = torch.randn_like(x0)
             t = torch.randint(0, c["timesteps"], (n,), device=device)
             x_t = scheduler.add_noise(x0, noise, t)
-            with _autocast(device):
+            with util.autocast(device):
                 pred = runner(x_t, timesteps=t, class_labels=z if c["conditional"] else None)
             return (pred.float() - noise).pow(2).mean()
 
