@@ -100,6 +100,25 @@ class SliceSet:
         """(uint8 [N, 1, S, S], long [N]) sharing memory with the arrays, for fast batch indexing."""
         return torch.from_numpy(self.images).unsqueeze(1), torch.from_numpy(self.z)
 
+    def neighbours(self):
+        """(below, above): long [N] indices of the same subject's slice at z-1 and at z+1, -1 where there is none
+        (the ends of a stack, a missing slice, or no z-index)."""
+        index = {(s, int(z)): i for i, (s, z) in enumerate(zip(self.subjects, self.z)) if z >= 0}
+        below = [index.get((s, int(z) - 1), -1) if z >= 0 else -1 for s, z in zip(self.subjects, self.z)]
+        above = [index.get((s, int(z) + 1), -1) if z >= 0 else -1 for s, z in zip(self.subjects, self.z)]
+        return torch.tensor(below, dtype=torch.long), torch.tensor(above, dtype=torch.long)
+
+    def stacks(self):
+        """(uint8 [S, K, H, W], subject ids) of the subjects that have every z-index 0..K-1, slices in z order."""
+        by_subject = {}
+        for i, (s, z) in enumerate(zip(self.subjects, self.z)):
+            if z >= 0:
+                by_subject.setdefault(s, {})[int(z)] = i
+        whole = [s for s in sorted(by_subject) if len(by_subject[s]) == self.num_z > 0
+                 and set(by_subject[s]) == set(range(self.num_z))]
+        order = [[by_subject[s][z] for z in range(self.num_z)] for s in whole]
+        return self.images[np.array(order, dtype=np.int64).reshape(len(whole), self.num_z)], whole
+
 
 class SliceDataset(torch.utils.data.Dataset):
     """A SliceSet as a torch Dataset: item i -> (float [1, S, S] in [-1, 1], int z)."""
@@ -600,6 +619,51 @@ def load_splits(path, size=64, splits=SPLITS, num_slices=32, seed=0):
 def load_split(path, split, size=64, num_slices=32, seed=0):
     """One split of any source as a SliceSet."""
     return load_splits(path, size, (split,), num_slices, seed)[split]
+
+
+# ----------------------------------------------------------------------------------------------
+# Volumes out: generated subjects as NIfTI
+
+
+def voxel_spacing(path, size, num_slices=32):
+    """((x, y, z) voxel size in mm of slices loaded from `path` at `size`, how it was found).
+
+    The embedded set knows its geometry; a NIfTI folder's first volume gives it (in-plane: the square field of
+    view over `size` pixels; z: the brain's axial extent over the K slices taken from it); OASIS PNGs and
+    plain images record none, so OASIS-1's 1 mm at 256 pixels is assumed in plane and for the slice gap too.
+    """
+    kind, root = detect_layout(path)
+    if (root / DEMO_STATS).is_file():
+        (_, _), (_, _), (z0, z1) = _mni_maps()[1]
+        pitch = _pitch(size)[0]
+        return (pitch, pitch, 0.72 * float(z1 - z0) / (num_slices - 1)), "the embedded set's geometry"
+    if kind == "nifti":
+        subject, first = _nifti_index(root, 0)["train"][0]
+        data, affine, _, _ = _read_volume(first)
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        axial = np.flatnonzero((data != 0).any(axis=(0, 1)))
+        fov = max(data.shape[0] * zooms[0], data.shape[1] * zooms[1])
+        extent = (axial[-1] - axial[0] + 1) * zooms[2] if len(axial) else data.shape[2] * zooms[2]
+        return tuple(float(v) for v in (fov / size, fov / size, extent / num_slices)), f"the header of {first.name}"
+    pitch = 256 / size
+    return (pitch, pitch, pitch), "assumed (PNG slices record no voxel size): 1 mm at 256 pixels, as in OASIS-1"
+
+
+def write_volume(slices, path, spacing):
+    """Write uint8 axial slices [K, H, W] (rows anterior -> posterior, columns left -> right, z bottom -> top,
+    as `load_splits` returns them) as a NIfTI volume in RAS orientation with voxel size `spacing` (mm),
+    centred on the origin. `load_splits` on a folder of these reads the same slices back."""
+    import nibabel as nib
+
+    slices = np.asarray(slices)
+    if slices.ndim != 3 or slices.dtype != np.uint8:
+        raise ValueError(f"expected uint8 slices [K, H, W], got {slices.dtype} {slices.shape}")
+    data = np.ascontiguousarray(slices[:, ::-1, :].transpose(2, 1, 0))  # [x, y, z]: inverse of _volume_slices
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -(np.array(data.shape) - 1) / 2 * np.array(spacing, dtype=float)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
 
 
 # ----------------------------------------------------------------------------------------------

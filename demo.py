@@ -1,7 +1,8 @@
 """The whole pipeline on the embedded MNI dataset, on a laptop CPU: what `make demo` runs.
 
 Commands:
-    python demo.py                 # build data, stage one (VQ-VAE), latent diffusion, PixelCNN, samples, metrics, plots
+    python demo.py                 # build data, stage one (VQ-VAE), latent diffusion, PixelCNN, samples, whole
+                                   # subjects as NIfTI, metrics, plots
     python demo.py --model vae     # stage one as a VAE (the PixelCNN step is skipped: it needs codes)
     python demo.py --out runs/demo2 --seed 1
 
@@ -65,8 +66,12 @@ def main(argv=None):
     step("diffusion samples", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--n", 2, "--z", "0..31",
                                "--sampler", "ddim", "--steps", 50, "--out", out / "samples_ldm.png",
                                "--gif", out / "denoising.gif", *seed], out / "samples_ldm.png", timings)
+    step("whole subjects", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--subjects", 2, "--sampler",
+                            "ddim", "--steps", 50, "--out", out / "subjects", *seed], out / "subjects" / "subjects.png",
+         timings)
+    # 16 subjects: the slices of 4 whole brains cover the data too thinly for a stable SWD (docs/RESULTS.md)
     step("diffusion metrics", ["stable_diffusion.py", "evaluate", "--ckpt", ldm / "best.pt", "--sampler", "ddim",
-                               "--steps", 50, "--n", 4, "--out", out / "metrics_ldm.json", *seed],
+                               "--steps", 50, "--n", 16, "--out", out / "metrics_ldm.json", *seed],
          out / "metrics_ldm.json", timings)
     runs = [stage1, ldm]
     if args.model == "vqvae":
@@ -77,7 +82,7 @@ def main(argv=None):
         step("PixelCNN samples", ["pixelCNN.py", "sample", "--ckpt", prior / "best.pt", "--n", 2, "--z", "0..31",
                                   *guide, "--out", out / "samples_pixelcnn.png", *seed], out / "samples_pixelcnn.png",
              timings)
-        step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 4, *guide,
+        step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 16, *guide,
                                   "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json", timings)
         runs.append(prior)
     step("training curves", ["logger.py", *runs, "--out", out / "curves.png", "--smooth", 3], None, timings)
@@ -89,6 +94,9 @@ def main(argv=None):
         if (out / name).exists():
             print(f"  {out / name}")
     print(f"  {stage1 / 'samples'}/recon_*.png (validate inputs over reconstructions)")
+    if (out / "subjects").is_dir():
+        print(f"  {out / 'subjects'}/subjects.png (whole subjects: axial slices, mid-sagittal and mid-coronal "
+              f"reslices) and subject_000.nii.gz ... (open in ITK-SNAP or FSLeyes)")
     print("Metrics:")
     for name in ("metrics_stage1_test.json", "metrics_ldm.json", "metrics_pixelcnn.json"):
         if (out / name).exists():

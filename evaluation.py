@@ -23,6 +23,17 @@ VQ-VAE the fraction of codes used and the code perplexity over the whole split.
 - fid, fid_real: Frechet Inception distance where torchvision and its Inception v3 weights are
   already on this machine (never downloaded); otherwise fid None and fid_skipped saying why.
 
+`consistency_metrics(stacks, data_path)` (`evaluate --subjects`) scores whole generated subjects
+[S, 32, H, W], each key beside `<key>_real` for the real validate subjects:
+
+- stack/adjacent_ssim, stack/adjacent_l1: mean SSIM and mean |difference| (in [0, 1] units) between
+  slices z and z+1 of a subject (independent draws from different brains score lower / higher).
+- stack/outline_jitter_sagittal, _coronal: mean |second difference| (pixels) across z of the brain's
+  front/back (left/right) edge in the mid-sagittal (mid-coronal) reslice: jagged edges score high.
+- stack/z_monotone: fraction of steps up the stack where the z regressor's prediction rises;
+  stack/z_spacing: its rise per slice (the least-squares slope of prediction against slice number, mean
+  over subjects; 1 for a perfect stack).
+
 Commands (the real-vs-real baseline: real *test* slices scored as if they were samples):
     python evaluation.py                                   # embedded dataset, 64x64
     python evaluation.py --data /path/to/OASIS --size 128 --n 512 --out runs/baseline_128.json
@@ -606,6 +617,74 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
         metrics["fid"], metrics["fid_real"] = fid(model, images, val_f), fid(model, train_f, val_f)
     timings["fid"] = time.time() - t
     metrics.update({f"seconds/{k}": v for k, v in timings.items()})
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole subjects: are the slices of a stack one brain?
+
+OUTLINE_LEVEL = -0.8  # brain vs background threshold in [-1, 1] (the background is ~ -1)
+
+
+def outline_jitter(reslices, level=OUTLINE_LEVEL):
+    """Mean |second difference across z| (pixels) of the brain's two edges in reslices [S, K, L] (z by
+    position along a line through the volume): a smooth outline scores ~0, slices from different brains
+    jump. Rows with fewer than two brain pixels, and the steps next to them, are left out."""
+    mask = reslices > level
+    pos = torch.arange(reslices.shape[-1], dtype=torch.float32)
+    present = mask.sum(-1) >= 2
+    first = torch.where(mask, pos, float("inf")).amin(-1)
+    last = torch.where(mask, pos, float("-inf")).amax(-1)
+    jumps = []
+    for edge in (first, last):
+        second = edge[:, 2:] - 2 * edge[:, 1:-1] + edge[:, :-2]
+        ok = present[:, 2:] & present[:, 1:-1] & present[:, :-2]
+        jumps.append(second[ok].abs())
+    jumps = torch.cat(jumps)
+    return jumps.mean().item() if len(jumps) else None
+
+
+def stack_consistency(stacks, reg=None):
+    """Consistency of whole subjects, stacks [S, K, H, W] in [-1, 1] with slice k at z-index k (see the module
+    docstring for the keys); `reg` is the dataset's z regressor (None: no z keys)."""
+    stacks = stacks.detach().float().cpu().clamp(-1, 1)
+    if stacks.dim() != 4 or stacks.shape[1] < 3:
+        raise ValueError(f"expected stacks [S, K >= 3, H, W], got {tuple(stacks.shape)}")
+    s, k, h, w = stacks.shape
+    a, b = stacks[:, :-1].reshape(-1, 1, h, w), stacks[:, 1:].reshape(-1, 1, h, w)
+    out = {"adjacent_ssim": util.ssim(a, b).mean().item(), "adjacent_l1": (a - b).abs().mean().item() / 2}
+    # Mid-sagittal reslice: column w/2 of every slice, [S, K, H]; mid-coronal: row h/2, [S, K, W].
+    out["outline_jitter_sagittal"] = outline_jitter(stacks[..., w // 2])
+    out["outline_jitter_coronal"] = outline_jitter(stacks[:, :, h // 2, :])
+    if reg is not None:
+        pred = predict_z(reg, stacks.reshape(-1, 1, h, w)).reshape(s, k)
+        steps = pred[:, 1:] - pred[:, :-1]
+        out["z_monotone"] = (steps > 0).float().mean().item()
+        # The least-squares slope of prediction against slice number: every slice counts, not just the ends.
+        zc = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+        out["z_spacing"] = ((pred - pred.mean(1, keepdim=True)) @ zc / zc.pow(2).sum()).mean().item()
+    return out
+
+
+def consistency_metrics(stacks, data_path, cache_dir=None, verbose=True):
+    """`stack_consistency` of generated subjects [S, K, H, W] in [-1, 1], each key beside `<key>_real`: the same
+    for the real validate subjects (those with every z-index)."""
+    size = stacks.shape[-1]
+    root = dataset.ensure_dataset(data_path, size)
+    train = dataset.load_split(root, "train", size=size)
+    val = dataset.load_split(root, "validate", size=size)
+    if not train.conditional:
+        raise UserError(f"{root}: slices carry no z-index, so they form no stacks")
+    if stacks.shape[1] != train.num_z:
+        raise ValueError(f"stacks have {stacks.shape[1]} slices, the data {train.num_z} z-indices")
+    reg = z_regressor_for(root, size, cache_dir, verbose=verbose, train=train)
+    real, subjects = val.stacks()
+    metrics = {"n_subjects": len(stacks)}
+    metrics.update({f"stack/{key}": v for key, v in stack_consistency(stacks, reg).items()})
+    if len(subjects):
+        real_metrics = stack_consistency(util.to_float(torch.from_numpy(real)), reg)
+        metrics.update({f"stack/{key}_real": v for key, v in real_metrics.items()})
+    metrics["n_subjects_real"] = len(subjects)
     return metrics
 
 

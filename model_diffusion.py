@@ -62,20 +62,23 @@ class LatentUNet(nn.Module):
     """
 
     def __init__(self, in_channels, model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(8,), resolution=16, dropout=0.0, num_z=32, conditional=True, heads=4):
+                 attn_resolutions=(8,), resolution=16, dropout=0.0, num_z=32, conditional=True, heads=4,
+                 context_channels=0):
         super().__init__()
         self.config = dict(in_channels=int(in_channels), model_channels=int(model_channels),
                            channel_mult=[int(m) for m in channel_mult], num_res_blocks=int(num_res_blocks),
                            attn_resolutions=[int(r) for r in attn_resolutions], resolution=int(resolution),
                            dropout=float(dropout), num_z=int(num_z), conditional=bool(conditional),
-                           heads=int(heads))
+                           heads=int(heads), context_channels=int(context_channels))
         self.conditional = bool(conditional)
+        self.context_channels = int(context_channels)
         self.num_z = int(num_z)
         self.levels = len(channel_mult)
         cond_dim = 4 * model_channels
         self.time_embed = ConditionEmbedding(cond_dim, base_dim=model_channels)
         self.z_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        # Context channels (a neighbouring slice's latent, see `neighbour_context`) enter beside x_t.
+        self.conv_in = nn.Conv2d(in_channels + self.context_channels, model_channels, 3, padding=1)
 
         def stage(cin, cout, res):
             return _Stage(cin, cout, cond_dim, dropout, res in attn_resolutions, heads)
@@ -118,12 +121,19 @@ class LatentUNet(nn.Module):
             cond = cond + self.z_embed(z)
         return cond
 
-    def forward(self, x_t, t, z=None):
-        """Predict eps or v (whatever it was trained on) for noisy latents x_t [B, C, H, W] at steps t [B]."""
+    def forward(self, x_t, t, z=None, context=None):
+        """Predict eps or v (whatever it was trained on) for noisy latents x_t [B, C, H, W] at steps t [B];
+        `context` [B, context_channels, H, W] where the net has context channels (None: zeros, no context)."""
         factor = 2 ** (self.levels - 1)
         if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
             raise ValueError(f"latent size {tuple(x_t.shape[-2:])} must be divisible by {factor}")
         cond = self.condition(t, z)
+        if self.context_channels:
+            if context is None:
+                context = x_t.new_zeros((x_t.shape[0], self.context_channels, *x_t.shape[2:]))
+            x_t = torch.cat([x_t, context.to(x_t.dtype)], dim=1)
+        elif context is not None:
+            raise ValueError("this UNet was built without context channels")
         h = self.conv_in(x_t)
         skips = [h]
         for block in self.down:
@@ -134,6 +144,38 @@ class LatentUNet(nn.Module):
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), cond) if isinstance(block, _Stage) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbour conditioning: slices that belong to one subject
+
+NEIGHBOURS = ("none", "below", "either")  # what a UNet may see of the next slice: nothing, z-1, z-1 or z+1
+
+
+def neighbour_context(neighbour, side):
+    """The context channels of a neighbour-conditioned UNet: the neighbour's latent [B, C, h, w] (zeroed where
+    side is 0) and one constant channel with side [B] = +1 (the neighbour is slice z-1), -1 (z+1) or 0 (none)."""
+    s = side.to(device=neighbour.device, dtype=neighbour.dtype).view(-1, 1, 1, 1)
+    return torch.cat([neighbour * (s != 0), s.expand(-1, 1, *neighbour.shape[-2:])], dim=1)
+
+
+def pick_neighbours(below, above, mode, p_drop, generator=None):
+    """Which neighbour each training slice sees: (side [B], index [B]) from the indices of the slices at z-1
+    (`below`) and z+1 (`above`) of the same subject, -1 where there is none. 'below' takes z-1; 'either' takes
+    one of the two at random (the only one at the ends of a stack); either is dropped (side 0) with
+    probability p_drop, so the same net also draws a first slice, or independent slices, alone."""
+    if mode not in NEIGHBOURS[1:]:
+        raise ValueError(f"unknown neighbour mode {mode!r}, expected one of {NEIGHBOURS[1:]}")
+    where = generator.device if generator is not None else below.device
+    coin, drop = torch.rand(2, len(below), generator=generator, device=where).to(below.device)
+    has_below, has_above = below >= 0, above >= 0
+    take_above = has_above & ~has_below if mode == "either" else torch.zeros_like(has_above)
+    if mode == "either":
+        take_above = take_above | (has_above & (coin < 0.5))
+    side = torch.where(take_above, -1, torch.where(has_below, 1, 0))
+    side = torch.where(drop < p_drop, 0, side)
+    index = torch.where(side > 0, below, torch.where(side < 0, above, 0)).clamp(min=0)
+    return side, index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,8 +307,9 @@ def _randn(shape, generator, device, dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, generator=None):
-    """Simple DDPM loss: MSE to eps or v at uniform t; z set to -1 with prob. p_uncond. -> (mean, [B], t [B])."""
+def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, generator=None, context=None):
+    """Simple DDPM loss: MSE to eps or v at uniform t; z set to -1 with prob. p_uncond; `context` goes to the
+    model unchanged. -> (mean, [B], t [B])."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}, expected one of {OBJECTIVES}")
     b, device = x0.shape[0], x0.device
@@ -278,7 +321,8 @@ def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, genera
         drop = torch.rand(b, generator=generator, device=where).to(device) < p_uncond
         z = torch.where(drop, torch.full_like(z, -1), z)
     target = noise if objective == "eps" else schedule.v_target(x0, noise, t)
-    per_sample = (model(x_t, t, z).float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    output = model(x_t, t, z) if context is None else model(x_t, t, z, context=context)
+    per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return per_sample.mean(), per_sample, t
 
 
@@ -286,13 +330,14 @@ def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, genera
 # Sampling
 
 
-def guided(model, guidance=1.0, objective="eps", schedule=None):
+def guided(model, guidance=1.0, objective="eps", schedule=None, context=None):
     """eps_fn(x_t, t, z) -> eps from `model` with classifier-free guidance eps_u + g (eps_c - eps_u).
 
     Guidance is applied to the raw output; for v-prediction that equals guidance on eps, because eps is
     the same affine function of v for both branches. `schedule` is needed only to turn v into eps; for v the
     returned function also has `eps_and_x0(x_t, t, z)` (x0 without dividing by alpha; see the module). With
     g == 1, an unconditional model, or every z = -1, the model runs once; otherwise once on a doubled batch.
+    `context` (a neighbour's latent, see `neighbour_context`) goes to both branches: guidance is on z only.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}, expected one of {OBJECTIVES}")
@@ -302,24 +347,28 @@ def guided(model, guidance=1.0, objective="eps", schedule=None):
 
     def eps_fn(x_t, t, z):
         """Guided eps prediction at (x_t, t) for condition z."""
-        out = _guided_output(model, conditional, guidance, x_t, t, z)
+        out = _guided_output(model, conditional, guidance, x_t, t, z, context)
         return out if objective == "eps" else schedule.predict_eps_from_v(x_t, t, out)
 
     if objective == "v":
         def eps_and_x0(x_t, t, z):
             """(eps, x0) from v directly: x0 = alpha x_t - sigma v. Through eps and x0 = (x_t - sigma eps) / alpha
             instead, dividing by alpha = sqrt(abar) ~ 6.6e-3 at t = T-1 would amplify float32 rounding ~150x."""
-            return schedule.eps_and_x0(x_t, t, _guided_output(model, conditional, guidance, x_t, t, z).float(), "v")
+            out = _guided_output(model, conditional, guidance, x_t, t, z, context)
+            return schedule.eps_and_x0(x_t, t, out.float(), "v")
 
         eps_fn.eps_and_x0 = eps_and_x0  # `_predict` prefers it over eps_fn
     return eps_fn
 
 
-def _guided_output(model, conditional, guidance, x_t, t, z):
+def _guided_output(model, conditional, guidance, x_t, t, z, context=None):
     """The model's raw output (eps or v) with classifier-free guidance u + g (c - u) applied."""
+    extra = {} if context is None else {"context": context}
     if guidance == 1.0 or z is None or not conditional or bool((z < 0).all()):
-        return model(x_t, t, z)
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, torch.full_like(z, -1)]))
+        return model(x_t, t, z, **extra)
+    if context is not None:
+        extra["context"] = torch.cat([context, context])
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, torch.full_like(z, -1)]), **extra)
     cond, uncond = both.float().chunk(2)  # combine in float32 even under autocast
     return uncond + guidance * (cond - uncond)
 
@@ -487,13 +536,14 @@ def _as_z(z, batch, device):
 
 
 def sample(model, schedule, shape, z, sampler="ddpm", steps=None, eta=0.0, guidance=1.0, objective="eps",
-           generator=None, callback=None, clip_x0=None, x_init=None, spacing=None):
-    """Draw latents of `shape` from `model` with one of 'ddpm', 'ddim', 'dpmpp' (model in eval mode meanwhile)."""
+           generator=None, callback=None, clip_x0=None, x_init=None, spacing=None, context=None):
+    """Draw latents of `shape` from `model` with one of 'ddpm', 'ddim', 'dpmpp' (model in eval mode meanwhile);
+    `context`: the model's context channels for every step (see `neighbour_context`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}, expected one of {SAMPLERS}")
     device = next(model.parameters()).device
     z = _as_z(z, shape[0], device)
-    eps_fn = guided(model, guidance, objective, schedule)
+    eps_fn = guided(model, guidance, objective, schedule, context)
     common = dict(generator=generator, callback=callback, clip_x0=clip_x0, x_init=x_init, device=device)
     if spacing is not None:
         common["spacing"] = spacing

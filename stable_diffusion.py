@@ -7,6 +7,7 @@ Commands:
     python stable_diffusion.py train --resume runs/ldm-demo
     python stable_diffusion.py sample --ckpt runs/ldm-demo/best.pt --n 2 --z 0..31 --sampler ddim \
         --steps 50 --guidance 2 --seed 0 --out samples.png --gif process.gif
+    python stable_diffusion.py sample --ckpt runs/ldm-demo/best.pt --subjects 2 --out subjects   # NIfTI volumes
     python stable_diffusion.py evaluate --ckpt runs/ldm-demo/best.pt --sampler ddim --steps 50
     torchrun --nproc_per_node=4 stable_diffusion.py train --ae runs/vq-full/best.pt --preset full
 
@@ -14,6 +15,13 @@ Objective: v-prediction (Salimans & Ho 2022) by default. With eps-prediction the
 (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies the network's eps error by up to 1/sqrt(abar_T) ~ 156
 at the first sampling step; on the demo a short eps-trained model then sampled latents with 10x the data's
 std (measured), while v-prediction gives x0 directly at high noise. `--objective eps` remains available.
+
+Whole subjects (`--neighbours either`, the default): in training each slice also sees the latent of the same
+subject's slice z-1 or z+1 (which one is a side channel; hidden with probability p_neighbour_drop), so
+`sample --subjects` draws a subject slice by slice from the middle slice outwards, each conditioned on the one
+before it,
+and writes it as a NIfTI volume. Independent slices (`--independent`, and every `sample` grid) give the net no
+neighbour. docs/RESULTS.md compares the designs and orders.
 
 Which latent is diffused: for a VAE, the posterior mean; for a VQ-VAE, the *quantised* code vectors
 (what its decoder was trained on), and samples are snapped back to the nearest code before decoding.
@@ -25,7 +33,8 @@ import torch
 import stage_two
 import trainer as tr
 import util
-from model_diffusion import LatentUNet, NoiseSchedule, diffusion_loss, sample
+from model_diffusion import (NEIGHBOURS, LatentUNet, NoiseSchedule, diffusion_loss, neighbour_context,
+                             pick_neighbours, sample)
 from util import UserError
 
 H = tr.Hyper
@@ -36,6 +45,11 @@ HYPERS = [
     H("attn_resolutions", [16, 8], "latent sizes with self-attention", "model"),
     H("heads", 8, "attention heads", "model", low=1),
     H("dropout", 0.0, "dropout in ResBlocks", "model", high=1),
+    H("neighbours", "either", "condition each slice on a neighbouring slice of its subject, so that `sample "
+      "--subjects` draws whole stacks: none, below (z-1) or either (z-1 or z+1)", "model", choices=NEIGHBOURS,
+      before="none"),
+    H("p_neighbour_drop", 0.2, "probability of hiding the neighbour in training (the net then also draws a slice "
+      "alone: a stack's first slice, or independent slices)", "loss", high=1),
     H("schedule", "linear", "noise schedule", "loss", choices=("linear", "cosine")),
     H("timesteps", 1000, "diffusion steps T", "loss", low=2),
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
@@ -69,6 +83,20 @@ class DiffusionTask(stage_two.PriorTask):
         self.ema = tr.EMA(self.model, config["ema_decay"])
         self.models["ema"] = self.ema.model
         self.val_data = self.val_data * config["scale_factor"]
+        # Neighbours are looked up in the whole split: a batch holds only their indices.
+        self.neighbour_pool = {"train": cache["train"].to(device), "validate": cache["validate"].to(device)}
+        self.val_neighbours = cache["validate_below"], cache["validate_above"]
+
+    def context(self, split, below, above, generator=None):
+        """The UNet's context channels for slices whose neighbours in `split` are `below` / `above` (None
+        for a net without neighbour conditioning)."""
+        cfg = self.config
+        if cfg["neighbours"] == "none":
+            return None
+        side, index = pick_neighbours(below, above, cfg["neighbours"], cfg["p_neighbour_drop"], generator)
+        pool = self.neighbour_pool[split]
+        neighbour = pool.index_select(0, index.to(pool.device)).to(self.device) * cfg["scale_factor"]
+        return neighbour_context(neighbour, side.to(self.device))
 
     def extra_state(self):
         return {**super().extra_state(), "scale_factor": self.config["scale_factor"],
@@ -78,9 +106,10 @@ class DiffusionTask(stage_two.PriorTask):
         cfg = self.config
         x0 = batch[0].to(self.device, non_blocking=True) * cfg["scale_factor"]
         z = batch[1].to(self.device)
+        context = self.context("train", batch[2], batch[3])
         with util.autocast(self.device):
             loss, per_sample, t = diffusion_loss(self.nets["model"], self.schedule, x0, z, cfg["objective"],
-                                                 cfg["p_uncond"])
+                                                 cfg["p_uncond"], context=context)
         self.optimizer_step(loss)
         self.ema.update(self.model)
         return {"loss/diffusion": loss.detach(), **loss_by_quartile(per_sample.detach().float(), t, cfg["timesteps"])}
@@ -90,11 +119,14 @@ class DiffusionTask(stage_two.PriorTask):
         cfg = self.config
         n = min(len(self.val_data), 256)
         x0, z = self.val_data[:n].to(self.device), self.val_z[:n].to(self.device)
+        below, above = (v[:n] for v in self.val_neighbours)
         losses = {}
         for net, name in ((self.model, "val/loss_raw"), (self.ema.model, "val/loss")):
-            # Fixed noise and t per validation: the numbers are comparable across steps.
+            # Fixed noise, t and neighbours per validation: the numbers are comparable across steps.
             g = torch.Generator().manual_seed(cfg["seed"])
-            _, per_sample, _ = diffusion_loss(net, self.schedule, x0, z, cfg["objective"], 0.0, generator=g)
+            context = self.context("validate", below, above, g)
+            _, per_sample, _ = diffusion_loss(net, self.schedule, x0, z, cfg["objective"], 0.0, generator=g,
+                                              context=context)
             losses[name] = per_sample.mean().item()
         options = dict(sampler="ddim", steps=cfg["sample_steps"], eta=0.0, clip_x0=cfg.get("x0_clip"))
         self.save_preview(self.ema.model, step, run_dir, torch.Generator().manual_seed(cfg["seed"]), options)
@@ -125,6 +157,9 @@ class DiffusionPrior(stage_two.Prior):
     def summary(self, config):
         return f"latents {config['latent_shape']}, scale factor {config['scale_factor']:.4f}"
 
+    def train_data(self, cache):
+        return cache["train"], cache["train_z"], cache["train_below"], cache["train_above"]
+
     def complete_config(self, config, cache, ae):
         config["latent_shape"] = list(cache["train"].shape[1:])
         config.setdefault("scale_factor", 1.0 / cache["train"].float().std().item())
@@ -136,8 +171,11 @@ class DiffusionPrior(stage_two.Prior):
 
     def build(self, config):
         shape = config["latent_shape"]
+        kwargs = tr.model_kwargs(HYPERS, config)
+        # The context: the neighbour's latent and a side channel (model_diffusion.neighbour_context).
+        context = shape[0] + 1 if kwargs.pop("neighbours") != "none" else 0
         return LatentUNet(in_channels=shape[0], resolution=shape[1], num_z=config["num_z"],
-                          conditional=config["conditional"], **tr.model_kwargs(HYPERS, config))
+                          conditional=config["conditional"], context_channels=context, **kwargs)
 
     def add_sample_args(self, parser):
         parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="sampler")
@@ -163,12 +201,38 @@ class DiffusionPrior(stage_two.Prior):
     def describe(self, options):
         return f"{options['sampler']}, {options['steps']} steps", {"sampler": options["sampler"], "steps": options["steps"]}
 
-    def draw(self, model, config, z, generator, guidance, options, callback=None):
+    def draw(self, model, config, z, generator, guidance, options, callback=None, context=None):
         schedule = NoiseSchedule(config["schedule"], config["timesteps"])
         latents = sample(model, schedule, (len(z), *config["latent_shape"]), z, sampler=options["sampler"],
                          steps=options["steps"], eta=options["eta"], guidance=guidance, objective=config["objective"],
-                         generator=generator, callback=callback, clip_x0=options["clip_x0"])
+                         generator=generator, callback=callback, clip_x0=options["clip_x0"], context=context)
         return latents.float()
+
+    def stack_orders(self, config):
+        # middle-out first: on the demo it kept per-slice quality closest to independent slices (docs/RESULTS.md)
+        return {"none": (), "below": ("bottom-up",), "either": ("middle-out", "bottom-up")}[config["neighbours"]]
+
+    def alone_note(self, config):
+        return f" (trained with --neighbours {config['neighbours']}; --neighbours either draws subjects)"
+
+    def draw_chain(self, model, config, n, generator, guidance, options, order, snap):
+        """n subjects [n, K, C, h, w], slice by slice: the first (z = 0, or the middle one) alone, each next one
+        conditioned on the slice drawn before it (snapped to what the stage one encodes, as in training)."""
+        num_z, device = config["num_z"], next(model.parameters()).device
+        start = 0 if order == "bottom-up" else num_z // 2
+        stack = [None] * num_z
+
+        def one(k, neighbour=None, side=0):
+            z = torch.full((n,), k, dtype=torch.long, device=device)
+            context = None if neighbour is None else neighbour_context(neighbour, torch.full((n,), side))
+            return snap(self.draw(model, config, z, generator, guidance, options, context=context))
+
+        stack[start] = one(start)
+        for k in range(start + 1, num_z):
+            stack[k] = one(k, stack[k - 1], 1)  # the slice below is known
+        for k in range(start - 1, -1, -1):
+            stack[k] = one(k, stack[k + 1], -1)  # the slice above is known
+        return torch.stack(stack, dim=1)
 
 
 PRIOR = DiffusionPrior()

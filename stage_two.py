@@ -6,7 +6,9 @@ network from a config and how to draw latents or code grids for given z-indices)
 - loading the frozen stage one, and the hash check that it is the file the prior was trained on;
 - the cache of the train and validate splits, encoded once by the frozen stage one (latents or codes);
 - decoding what a prior draws (latents, snapped to the nearest codes for a VQ-VAE, or code grids);
-- the command line: `train`, `sample` and `evaluate` sub-commands, their shared flags and checks.
+- the command line: `train`, `sample` and `evaluate` sub-commands, their shared flags and checks;
+- whole subjects: `generate_stacks` draws every z-index of n subjects, slice by slice where the prior can
+  condition on a neighbour (`stack_orders`, `draw_chain`), and `sample --subjects` writes them as NIfTI.
 
 Data flows one way: dataset -> stage one (prestage_train) -> this module -> the prior scripts.
 
@@ -73,6 +75,24 @@ class Prior:
         model's device; -1 = unknown)."""
         raise NotImplementedError
 
+    def train_data(self, cache):
+        """The tensors the trainer batches (the neighbour indices too, where the prior uses them)."""
+        return cache["train"], cache["train_z"]
+
+    def stack_orders(self, config):
+        """The orders in which `draw_chain` can draw a subject slice by slice; () where every slice is drawn
+        alone (`sample --subjects` then needs --independent)."""
+        return ()
+
+    def alone_note(self, config):
+        """Why this model draws every slice alone, for messages ('' where there is no other way)."""
+        return ""
+
+    def draw_chain(self, model, config, n, generator, guidance, options, order, snap):
+        """n whole subjects [n, num_z, ...] drawn slice by slice in `order` (one of `stack_orders`); `snap` maps
+        a drawn latent to the nearest one the stage one produces, before it conditions the next slice."""
+        raise NotImplementedError
+
 
 def prior_hypers(**loop):
     """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs) and the
@@ -135,7 +155,8 @@ def load_cache(path, ae_sha256):
     except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
         return None
     whole = (isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 and isinstance(cache.get("data"), str)
-             and tr.is_whole(cache.get("num_z")) and all(_split_is_whole(cache, s) for s in ("train", "validate")))
+             and tr.is_whole(cache.get("num_z")) and all(_split_is_whole(cache, s) for s in ("train", "validate"))
+             and isinstance(cache.get("spacing"), list))
     return cache if whole else None
 
 
@@ -145,6 +166,11 @@ def _split_is_whole(cache, split):
     if not (torch.is_tensor(x) and torch.is_tensor(z) and z.dtype == torch.long and z.shape == x.shape[:1]
             and len(x) > 0 and bool((z < cache["num_z"]).all())):
         return False
+    for side in ("below", "above"):  # neighbour indices into the same split, -1 where none
+        n = cache.get(f"{split}_{side}")
+        if not (torch.is_tensor(n) and n.dtype == torch.long and n.shape == z.shape
+                and bool(((n >= -1) & (n < len(x))).all())):
+            return False
     if x.is_floating_point():
         return x.dim() == 4 and x.dtype == torch.float32 and bool(torch.isfinite(x).all())
     return x.dim() == 3 and x.dtype == torch.long and bool((x >= 0).all())
@@ -165,11 +191,12 @@ def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
     t0 = time.perf_counter()
     # The absolute path: sample/evaluate may run from another working directory.
     cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
-             "num_z": max(splits["train"].num_z, 1)}
+             "num_z": max(splits["train"].num_z, 1), "spacing": list(dataset.voxel_spacing(data_path, size)[0])}
     for name, split in splits.items():
         images, z = split.tensors()
         cache[name] = encode(ae, images, z, device, what)
         cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
+        cache[f"{name}_below"], cache[f"{name}_above"] = split.neighbours()
     print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train + "
           f"{len(cache['validate'])} validate slices in {time.perf_counter() - t0:.1f}s -> "
           f"{tuple(cache['train'].shape[1:])} per slice")
@@ -229,7 +256,7 @@ def train(prior, args):
     out = Path(config["out"])
     tr.claim_run_dir(args, out, rank)  # before encoding, which would replace an existing run's cache
     cache = build_cache(ae, ae_ckpt, config, device, prior.cache_what, out / prior.cache_file, write=rank == 0)
-    config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"],
+    config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"], spacing=cache["spacing"],
                   conditional=bool((cache["train_z"] >= 0).any()))
     prior.complete_config(config, cache, ae)
     if args.dry_run:
@@ -239,7 +266,7 @@ def train(prior, args):
     if rank == 0:
         print(f"{prior.summary(config)}; {prior.name} {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M "
               f"parameters")
-    return tr.train_and_report(task, config, (cache["train"], cache["train_z"]), args, rank, world, device)
+    return tr.train_and_report(task, config, prior.train_data(cache), args, rank, world, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +345,51 @@ def generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_s
     return images, time.perf_counter() - t0
 
 
+STACK_ORDERS = ("bottom-up", "middle-out")
+
+
+def stack_order(prior, config, args):
+    """The order `generate_stacks` draws subjects in, None for independent slices (--independent, or a prior
+    that draws every slice alone); --order is checked against what the model can do."""
+    orders = prior.stack_orders(config)
+    if args.independent and args.order:
+        raise UserError(f"--order {args.order}: does not apply with --independent (every slice is drawn alone)")
+    if args.order and args.order not in orders:
+        can = f"draws subjects {' or '.join(orders)}" if orders else f"draws every slice alone{prior.alone_note(config)}"
+        raise UserError(f"--order {args.order}: this {prior.name} {can}")
+    return None if args.independent or not orders else args.order or orders[0]
+
+
+def snap_to_stage_one(ae, scale):
+    """Drawn latents -> the nearest latents the stage one encodes (a VQ-VAE's code vectors): what a neighbour
+    looked like in training, so each slice of a chain is conditioned on what the next one will see."""
+    if ae.kind != "vqvae":
+        return lambda latent: latent
+    return lambda latent: ae.quantize_latent(latent.float() / scale) * scale
+
+
+def generate_stacks(prior, model, ae, ckpt, n, device, guidance, options, seed, order=None, batch_size=64):
+    """n subjects, every z-index once: images [n * K, 1, H, W] (subject-major, z rising within a subject), z,
+    seconds. order None draws each slice alone (`generate`); else slice by slice with `prior.draw_chain`."""
+    config = ckpt["config"]
+    num_z = config["num_z"]
+    z = sample_grid_z(list(range(num_z)), n)
+    if order is None:
+        images, seconds = generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_size)
+        return images, z, seconds
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scale = config.get("scale_factor", 1.0)
+    snap = snap_to_stage_one(ae, scale)
+    t0 = time.perf_counter()
+    with torch.no_grad(), util.autocast(device, enabled=prior.amp):
+        drawn = [prior.draw_chain(model, config, min(batch_size, n - i), gen, guidance, options, order, snap)
+                 for i in range(0, n, batch_size)]
+    images = decode(ae, torch.cat(drawn).flatten(0, 1), z, device, scale)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images, z, time.perf_counter() - t0
+
+
 def gif_recorder(ae, ckpt, z, device, max_frames=40):
     """A sampler callback that decodes the predicted x0 at evenly spaced steps into GIF frames."""
     frames = []
@@ -358,12 +430,20 @@ def check_image_path(path, flag, animated=False):
 
 
 def sample_cmd(prior, args):
-    """`sample`: a PNG grid, a row per sample and a column per requested z-index."""
+    """`sample`: a PNG grid, a row per sample and a column per requested z-index (or, with --subjects, whole
+    subjects as NIfTI volumes)."""
+    if args.subjects is not None:
+        return subjects_cmd(prior, args)
+    if args.independent or args.order:
+        flag = "--independent" if args.independent else f"--order {args.order}"
+        raise UserError(f"{flag}: applies to whole subjects (--subjects N, and evaluate); a grid's slices are "
+                        f"always drawn alone")
+    args.n = 1 if args.n is None else args.n
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
-    zs = parse_z_spec(args.z, config["num_z"]) if config["conditional"] else [-1]
+    zs = parse_z_spec(args.z or f"0..{config['num_z'] - 1}", config["num_z"]) if config["conditional"] else [-1]
     z = sample_grid_z(zs, args.n)
-    out = check_image_path(args.out, "--out")
+    out = check_image_path(args.out or prior.sample_out, "--out")
     if getattr(args, "gif", None):
         check_image_path(args.gif, "--gif", animated=True)
     frames, callback = gif_recorder(ae, ckpt, z, device) if getattr(args, "gif", None) else ([], None)
@@ -379,14 +459,74 @@ def sample_cmd(prior, args):
     return 0
 
 
-def evaluate_cmd(prior, args):
-    """`evaluate`: n samples per z-index scored against real validate slices (see evaluation.py)."""
+def check_subjects_dir(path):
+    """The folder `sample --subjects` writes into: not a file, an image name or a run folder."""
+    path = Path(path)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".nii", ".gz"):
+        raise UserError(f"--out {path}: with --subjects, --out is a folder (e.g. subjects/), not a file name")
+    if path.is_dir() and any(path.glob("*.pt")):
+        raise UserError(f"--out {path}: holds checkpoints (a run folder); write the subjects to another folder")
+    util.check_writable(path, "--out")
+    return path
+
+
+def subjects_cmd(prior, args):
+    """`sample --subjects N`: N whole subjects, each a NIfTI volume subject_NNN.nii.gz (uint8, slices in z order,
+    the training data's voxel size), and subjects.png: per subject, axial slices and mid-sagittal/coronal
+    reslices."""
+    given = [f for f, v in (("--n", args.n), ("--z", args.z), ("--gif", getattr(args, "gif", None))) if v is not None]
+    if given:
+        raise UserError(f"{given[0]}: does not apply with --subjects (a subject holds every z-index once; "
+                        f"--subjects N sets how many)")
+    if args.subjects < 1:
+        raise UserError(f"--subjects {args.subjects}: must be at least 1")
+    out = check_subjects_dir(args.out or "subjects")
+    args.n = args.subjects
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
-    zs = list(range(config["num_z"])) if config["conditional"] else [-1]
-    z = sample_grid_z(zs, args.n)
-    images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed, args.batch_size)
-    metrics = evaluation.evaluate_samples(images, z, config["data"])
+    if not config["conditional"]:
+        raise UserError(f"--subjects: this {prior.name} was trained on slices without z-indices "
+                        f"({config['data']}), so it cannot stack them into subjects")
+    order = stack_order(prior, config, args)
+    if order is None and not args.independent:
+        raise UserError(f"--subjects: this {prior.name} draws every slice alone{prior.alone_note(config)}, so a "
+                        f"stack of its slices is not one subject; pass --independent to write such stacks anyway")
+    images, z, seconds = generate_stacks(prior, model, ae, ckpt, args.subjects, device, args.guidance, options,
+                                         args.seed, order, args.batch_size)
+    size = images.shape[-1]
+    spacing = config.get("spacing") or list(dataset.voxel_spacing(config["data"], size)[0])
+    stacks = util.to_uint8(images).reshape(args.subjects, config["num_z"], size, size)
+    for i, stack in enumerate(stacks):
+        dataset.write_volume(stack, out / f"subject_{i:03d}.nii.gz", spacing)
+    util.save_subject_sheet(stacks, spacing, out / "subjects.png")
+    text, _ = prior.describe(options)
+    how = "slices drawn alone" if order is None else f"drawn {order}, each slice conditioned on its neighbour"
+    print(f"{args.subjects} subjects x {config['num_z']} slices ({how}; {text}, guidance {args.guidance}) in "
+          f"{seconds:.2f}s; voxel {' x '.join(f'{v:.2f}' for v in spacing)} mm -> {out}/subject_000.nii.gz ... "
+          f"and {out / 'subjects.png'}")
+    return 0
+
+
+def evaluate_cmd(prior, args):
+    """`evaluate`: n subjects (n samples per z-index) scored slice by slice against real validate slices, and as
+    stacks against real validate subjects (see evaluation.py)."""
+    device, model, ae, ckpt, options = prepare_sampling(prior, args)
+    config = ckpt["config"]
+    if not config["conditional"]:
+        if args.order:
+            raise UserError(f"--order {args.order}: this {prior.name} is unconditional (no z-index), so it draws no stacks")
+        z = sample_grid_z([-1], args.n)
+        images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed,
+                                   args.batch_size)
+        metrics = evaluation.evaluate_samples(images, z, config["data"])
+    else:
+        order = stack_order(prior, config, args)
+        images, z, seconds = generate_stacks(prior, model, ae, ckpt, args.n, device, args.guidance, options,
+                                             args.seed, order, args.batch_size)
+        metrics = evaluation.evaluate_samples(images, z, config["data"])
+        metrics["stack/order"] = order or "independent"
+        metrics.update(evaluation.consistency_metrics(images.reshape(args.n, config["num_z"], *images.shape[-2:]),
+                                                      config["data"]))
     metrics.update(prior.describe(options)[1], guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
     evaluation.report(metrics, args.out)
     return 0
@@ -409,18 +549,29 @@ def parse_args(prior, argv):
         s = sub.add_parser(command, help=text)
         s.add_argument("--ckpt", required=True, help=f"{prior.name} checkpoint (runs/NAME/best.pt)")
         s.add_argument("--ae", default=None, help="override the stage-one checkpoint recorded in --ckpt")
-        s.add_argument("--n", type=int, default=1 if command == "sample" else 4, help="samples per z-index")
+        s.add_argument("--n", type=int, default=None if command == "sample" else 4,
+                       help="samples per z-index (default 1)" if command == "sample" else
+                       "samples per z-index, i.e. subjects, scored slice by slice and as stacks")
         s.add_argument("--guidance", type=float, default=1.0,
                        help="classifier-free guidance scale (1: conditional only; above 1 follows z more closely, "
                             "at twice the cost)")
         s.add_argument("--seed", type=int, default=0, help="sampling seed")
-        s.add_argument("--batch-size", type=int, default=64, help="samples drawn at once")
+        s.add_argument("--batch-size", type=int, default=64, help="samples (subjects, slice by slice) drawn at once")
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        s.add_argument("--independent", action="store_true",
+                       help="draw each slice of a subject alone (what a prior without neighbour conditioning does)")
+        s.add_argument("--order", choices=STACK_ORDERS, default=None,
+                       help="how a neighbour-conditioned prior draws a subject: from z = 0 up, or from the middle "
+                            "slice outwards (default: middle-out where the model can, else bottom-up)")
         prior.add_sample_args(s)
         if command == "sample":
-            s.add_argument("--z", default="0..31", help="z-indices: a range 0..31, or a list 0,8,16")
-            s.add_argument("--out", default=prior.sample_out,
-                           help="PNG grid: a row per sample, a column per z-index")
+            s.add_argument("--z", default=None, help="z-indices: a range 0..31, or a list 0,8,16 (default: all)")
+            s.add_argument("--subjects", type=int, default=None,
+                           help="write N whole subjects as NIfTI volumes (subject_NNN.nii.gz) and a figure of their "
+                                "slices and reslices (subjects.png) into the folder --out")
+            s.add_argument("--out", default=None,
+                           help=f"PNG grid, a row per sample and a column per z-index (default {prior.sample_out}); "
+                                f"with --subjects a folder (default subjects)")
             if prior.gif:
                 s.add_argument("--gif", default=None, help="also write the denoising process (decoded x0 predictions)")
         else:

@@ -54,6 +54,12 @@ class Hyper:
     arg: str = None
     low: float = 0      # numbers: the smallest value that works
     high: float = None  # numbers: the largest, where there is one
+    before: object = "full"  # what runs from before this hyperparameter existed had ("full": its full value)
+
+    @property
+    def legacy(self):
+        """The value a saved config that lacks this hyperparameter stands for."""
+        return self.full if self.before == "full" else self.before
 
     def problem(self, value):
         """Why `value` cannot be this hyperparameter's value (its type follows the `full` value), or None."""
@@ -109,8 +115,8 @@ def preset_values(hypers, presets, name):
 
 def model_kwargs(hypers, config, kind=None):
     """The model constructor's keywords: every `model`-group hyperparameter that applies to `kind` (a key
-    that a run from before the hyperparameter existed lacks takes its `full` value, which it then had)."""
-    return {h.arg or h.name: config.get(h.name, h.full) for h in hypers
+    that a run from before the hyperparameter existed lacks takes the value it then had, `Hyper.legacy`)."""
+    return {h.arg or h.name: config.get(h.name, h.legacy) for h in hypers
             if h.group == "model" and h.applies in (None, kind)}
 
 
@@ -203,13 +209,13 @@ def check_values(values, hypers, where=None):
 
 def checked_file_config(state, hypers, where, derived=()):
     """The run config a checkpoint holds, checked where it is read: a dict whose hyperparameters have their
-    types (one missing from a run older than the hyperparameter takes its `full` value) and whose `derived`
+    types (one missing from a run older than the hyperparameter takes `Hyper.legacy`) and whose `derived`
     entries, (key, test, what it must be), pass; else one line naming the file and the key."""
     config = state.get("config")
     if not isinstance(config, dict):
         raise UserError(f"{where} holds no run config")
     check_values(config, hypers, f"{where}: its config")
-    config = {**{h.name: h.full for h in hypers}, **config}
+    config = {**{h.name: h.legacy for h in hypers}, **config}
     for key, test, what in derived:
         if not test(config.get(key)):
             raise UserError(f"{where}: its config has {key} = {json.dumps(config.get(key), default=str)[:60]}, "
@@ -244,7 +250,7 @@ def check_config(config):
 def _resume_config(args, given, hypers, stage=None):
     """On --resume the run's own config wins; a flag that would change the model or data is refused. The file is
     checked where it is read: every hyperparameter present and of its type (a key that a run from before the
-    hyperparameter existed lacks takes its `full` value, which it then had), preset and stage named."""
+    hyperparameter existed lacks takes the value it then had, `Hyper.legacy`), preset and stage named."""
     path = Path(args.resume) / "config.json"
     if not path.is_file():
         raise UserError(f"--resume {args.resume}: no config.json there (not a run directory, or a run stopped "
@@ -262,7 +268,7 @@ def _resume_config(args, given, hypers, stage=None):
     check_values(config, hypers, where)
     if not config.get("lr", 1) > 0:
         raise UserError(f"{where} has lr = {config['lr']}, which must be a positive number")
-    config = {**{h.name: h.full for h in hypers}, **config}
+    config = {**{h.name: h.legacy for h in hypers}, **config}
     if stage is not None and config.get("stage", stage) != stage:
         raise UserError(f"--resume {args.resume}: a '{config.get('stage')}' run, not a '{stage}' run "
                         f"(resume it with its own script)")

@@ -217,6 +217,48 @@ def save_image_grid(images, path, nrow=8):
     return path
 
 
+def subject_sheet(stacks, spacing, every=4, pad=2):
+    """One uint8 figure of whole subjects [S, K, H, W] (uint8, rows anterior -> posterior, z rising): a row per
+    subject with every `every`-th axial slice, then the mid-sagittal and mid-coronal reslices (superior up),
+    stretched to the voxel size `spacing` (x, y, z mm) so that a brain has its true shape. Slices that do not
+    belong to one brain show as jagged edges in the reslices."""
+    from PIL import Image
+
+    stacks = np.asarray(stacks)
+    s, k, h, w = stacks.shape
+    sx, sy, sz = (float(v) for v in spacing)
+
+    def reslice(plane, width, step):  # plane [K, L] -> superior up, L pixels wide, K * sz / step tall
+        tall = max(1, round(k * sz / step))
+        return np.asarray(Image.fromarray(np.ascontiguousarray(plane[::-1])).resize((width, tall), Image.NEAREST))
+
+    rows = []
+    for stack in stacks:
+        tiles = [stack[z] for z in range(0, k, every)]
+        tiles += [reslice(stack[:, :, w // 2], h, sy), reslice(stack[:, h // 2, :], w, sx)]
+        rows.append(tiles)
+    height = max(t.shape[0] for t in rows[0])
+    widths = [t.shape[1] for t in rows[0]]
+    sheet = np.zeros((s * (height + pad) + pad, sum(widths) + pad * (len(widths) + 1)), dtype=np.uint8)
+    for r, tiles in enumerate(rows):
+        x = pad
+        for t in tiles:
+            top = pad + r * (height + pad) + (height - t.shape[0]) // 2
+            sheet[top:top + t.shape[0], x:x + t.shape[1]] = t
+            x += t.shape[1] + pad
+    return sheet
+
+
+def save_subject_sheet(stacks, spacing, path, every=4):
+    """Write `subject_sheet` as a PNG; returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(subject_sheet(stacks, spacing, every)).save(path)
+    return path
+
+
 def save_gif(frames, path, duration_ms=80, final_hold_ms=1000):
     """Write an animated GIF from a list of uint8 [H, W] arrays (e.g. `image_grid` outputs)."""
     from PIL import Image

@@ -77,12 +77,19 @@ def prior_task(script, preset, stage_one_preset, device):
         if prior.needs_codes:
             return torch.randint(0, ae.n_embed, (b, *latent[1:]), generator=gen)
         return torch.randn((b, *latent), generator=gen)
-    cache = {"train": data(8), "validate": data(2), "validate_z": torch.zeros(2, dtype=torch.long)}
+    def neighbours(b):  # indices into the 8 cached train latents (a neighbour-conditioned prior looks them up)
+        return torch.randint(0, 8, (b,), generator=gen)
+    cache = {"train": data(8), "validate": data(2), "train_z": torch.zeros(8, dtype=torch.long),
+             "validate_z": torch.zeros(2, dtype=torch.long)}
+    cache.update({f"{split}_{side}": neighbours(n) for split, n in (("train", 8), ("validate", 2))
+                  for side in ("below", "above")})
     cfg = tr.preset_values(prior.hypers, prior.presets, preset)
     cfg.update(conditional=True, num_z=NUM_Z, ae="(none)", ae_sha256="")
     prior.complete_config(cfg, cache, ae)
     task = prior.task(prior, cfg, device, ae, cache)
-    return task, cfg, lambda b: (data(b), torch.randint(0, NUM_Z, (b,), generator=gen))
+    fields = len(prior.train_data(cache))  # the batch holds what the trainer would batch for this prior
+    return task, cfg, lambda b: (data(b), torch.randint(0, NUM_Z, (b,), generator=gen), neighbours(b),
+                                 neighbours(b))[:fields]
 
 
 def build(trainer, preset="full", device="cpu", compile=False):
