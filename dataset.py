@@ -636,9 +636,9 @@ def voxel_spacing(path, size, num_slices=32):
     if (root / DEMO_STATS).is_file():
         (_, _), (_, _), (z0, z1) = _mni_maps()[1]
         pitch = _pitch(size)[0]
-        return (pitch, pitch, 0.72 * float(z1 - z0) / (num_slices - 1)), "the embedded set's geometry"
+        return (pitch, pitch, 0.72 * float(z1 - z0) / max(num_slices - 1, 1)), "the embedded set's geometry"
     if kind == "nifti":
-        subject, first = _nifti_index(root, 0)["train"][0]
+        first = next(f for split in _nifti_index(root, 0).values() for _, f in split)
         data, affine, _, _ = _read_volume(first)
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         axial = np.flatnonzero((data != 0).any(axis=(0, 1)))
@@ -652,7 +652,9 @@ def voxel_spacing(path, size, num_slices=32):
 def write_volume(slices, path, spacing):
     """Write uint8 axial slices [K, H, W] (rows anterior -> posterior, columns left -> right, z bottom -> top,
     as `load_splits` returns them) as a NIfTI volume in RAS orientation with voxel size `spacing` (mm),
-    centred on the origin. `load_splits` on a folder of these reads the same slices back."""
+    centred on the origin. `load_splits` on a folder of these reads the slices back in place, with two changes of
+    its own: intensities re-scaled to the volume's percentiles, and the K slices re-picked over the non-zero
+    axial extent (the same slices unless an end slice is all zero)."""
     import nibabel as nib
 
     slices = np.asarray(slices)
@@ -662,6 +664,8 @@ def write_volume(slices, path, spacing):
     affine = np.diag([*map(float, spacing), 1.0])
     affine[:3, 3] = -(np.array(data.shape) - 1) / 2 * np.array(spacing, dtype=float)
     img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)  # both set, so that every viewer (ITK-based or FSL) places it the same way
+    img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     nib.save(img, str(path))
 

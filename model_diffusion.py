@@ -169,9 +169,7 @@ def pick_neighbours(below, above, mode, p_drop, generator=None):
     where = generator.device if generator is not None else below.device
     coin, drop = torch.rand(2, len(below), generator=generator, device=where).to(below.device)
     has_below, has_above = below >= 0, above >= 0
-    take_above = has_above & ~has_below if mode == "either" else torch.zeros_like(has_above)
-    if mode == "either":
-        take_above = take_above | (has_above & (coin < 0.5))
+    take_above = has_above & (~has_below | (coin < 0.5)) if mode == "either" else torch.zeros_like(has_above)
     side = torch.where(take_above, -1, torch.where(has_below, 1, 0))
     side = torch.where(drop < p_drop, 0, side)
     index = torch.where(side > 0, below, torch.where(side < 0, above, 0)).clamp(min=0)

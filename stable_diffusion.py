@@ -19,9 +19,8 @@ std (measured), while v-prediction gives x0 directly at high noise. `--objective
 Whole subjects (`--neighbours either`, the default): in training each slice also sees the latent of the same
 subject's slice z-1 or z+1 (which one is a side channel; hidden with probability p_neighbour_drop), so
 `sample --subjects` draws a subject slice by slice from the middle slice outwards, each conditioned on the one
-before it,
-and writes it as a NIfTI volume. Independent slices (`--independent`, and every `sample` grid) give the net no
-neighbour. docs/RESULTS.md compares the designs and orders.
+before it, and writes it as a NIfTI volume. Independent slices (`--independent`, and every `sample` grid) give
+the net no neighbour. docs/RESULTS.md compares the designs and orders.
 
 Which latent is diffused: for a VAE, the posterior mean; for a VQ-VAE, the *quantised* code vectors
 (what its decoder was trained on), and samples are snapped back to the nearest code before decoding.
@@ -83,9 +82,11 @@ class DiffusionTask(stage_two.PriorTask):
         self.ema = tr.EMA(self.model, config["ema_decay"])
         self.models["ema"] = self.ema.model
         self.val_data = self.val_data * config["scale_factor"]
-        # Neighbours are looked up in the whole split: a batch holds only their indices.
-        self.neighbour_pool = {"train": cache["train"].to(device), "validate": cache["validate"].to(device)}
-        self.val_neighbours = cache["validate_below"], cache["validate_above"]
+        # Neighbours are looked up in the whole split (a batch holds only their indices), on the host: a large
+        # cache is not copied to the GPU a second time, and one batch of latents moves per step.
+        if config["neighbours"] != "none":
+            self.neighbour_pool = {"train": cache["train"], "validate": cache["validate"]}
+            self.val_neighbours = cache["validate_below"], cache["validate_above"]
 
     def context(self, split, below, above, generator=None):
         """The UNet's context channels for slices whose neighbours in `split` are `below` / `above` (None
@@ -95,7 +96,7 @@ class DiffusionTask(stage_two.PriorTask):
             return None
         side, index = pick_neighbours(below, above, cfg["neighbours"], cfg["p_neighbour_drop"], generator)
         pool = self.neighbour_pool[split]
-        neighbour = pool.index_select(0, index.to(pool.device)).to(self.device) * cfg["scale_factor"]
+        neighbour = pool.index_select(0, index.cpu()).to(self.device, non_blocking=True) * cfg["scale_factor"]
         return neighbour_context(neighbour, side.to(self.device))
 
     def extra_state(self):
@@ -119,7 +120,7 @@ class DiffusionTask(stage_two.PriorTask):
         cfg = self.config
         n = min(len(self.val_data), 256)
         x0, z = self.val_data[:n].to(self.device), self.val_z[:n].to(self.device)
-        below, above = (v[:n] for v in self.val_neighbours)
+        below, above = (v[:n] for v in self.val_neighbours) if cfg["neighbours"] != "none" else (None, None)
         losses = {}
         for net, name in ((self.model, "val/loss_raw"), (self.ema.model, "val/loss")):
             # Fixed noise, t and neighbours per validation: the numbers are comparable across steps.
@@ -159,6 +160,13 @@ class DiffusionPrior(stage_two.Prior):
 
     def train_data(self, cache):
         return cache["train"], cache["train_z"], cache["train_below"], cache["train_above"]
+
+    def check_config(self, config):
+        p = config["p_neighbour_drop"]
+        if config["neighbours"] != "none" and not 0 < p < 1:
+            raise UserError(f"--p-neighbour-drop {p}: must lie strictly between 0 and 1 with --neighbours "
+                            f"{config['neighbours']} (0 never teaches a slice alone, which a subject's first slice "
+                            f"and --independent need; 1 never shows a neighbour)")
 
     def complete_config(self, config, cache, ae):
         config["latent_shape"] = list(cache["train"].shape[1:])

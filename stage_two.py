@@ -52,6 +52,9 @@ class Prior:
         """What the prior models, for the start-up line (e.g. the latent shape and scale factor)."""
         raise NotImplementedError
 
+    def check_config(self, config):
+        """Refuse, before anything loads, hyperparameter values that cannot work together (UserError)."""
+
     def complete_config(self, config, cache, ae):
         """Settings derived from the cache and the stage one (latent shape, scale factor, grid, ...)."""
 
@@ -156,8 +159,13 @@ def load_cache(path, ae_sha256):
         return None
     whole = (isinstance(cache, dict) and cache.get("ae_sha256") == ae_sha256 and isinstance(cache.get("data"), str)
              and tr.is_whole(cache.get("num_z")) and all(_split_is_whole(cache, s) for s in ("train", "validate"))
-             and isinstance(cache.get("spacing"), list))
+             and is_spacing(cache.get("spacing")))
     return cache if whole else None
+
+
+def is_spacing(value):
+    """A voxel size: three finite numbers > 0 (mm)."""
+    return isinstance(value, list) and len(value) == 3 and all(tr.is_finite(v) and v > 0 for v in value)
 
 
 def _split_is_whole(cache, split):
@@ -245,6 +253,7 @@ class PriorTask(tr.Task):
 def train(prior, args):
     """`train`: encode the splits once with the frozen stage one, then fit the prior on them."""
     config = tr.resolve_config(args, prior.hypers, prior.presets, prior.stage, exclude=("command",))
+    prior.check_config(config)
     rank, world, device = tr.setup_distributed(config.get("device") or "auto")
     if not config.get("ae"):
         raise UserError(f"train needs --ae PATH (a{' VQ-VAE' if prior.needs_codes else ''} stage-one checkpoint "
@@ -278,7 +287,8 @@ def load_prior(prior, path, device, ae_override=None):
     ckpt = util.load_checkpoint(path, kind=prior.kind)
     ckpt["config"] = tr.checked_file_config(ckpt, prior.hypers, f"--ckpt {ckpt['_path']}", [
         ("num_z", tr.is_whole, "a whole number >= 1"), ("conditional", lambda v: isinstance(v, bool), "true or false"),
-        ("data", lambda v: isinstance(v, str), "a folder path"), *prior.derived])
+        ("data", lambda v: isinstance(v, str), "a folder path"),
+        ("spacing", lambda v: v is None or is_spacing(v), "three voxel sizes > 0 in mm (or absent)"), *prior.derived])
     try:
         model = prior.build(ckpt["config"])
         model.load_state_dict(ckpt[prior.weights])
@@ -334,12 +344,19 @@ def check_guidance(guidance, config=None):
 
 def generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_size=64, callback=None):
     """Draw for each z (in batches) and decode; returns images [N, 1, H, W] and the seconds taken."""
+    def draw(gen):
+        return [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
+                           callback if i == 0 else None) for i in range(0, len(z), batch_size)]
+    return _timed(prior, draw, ae, ckpt, z, device, seed)
+
+
+def _timed(prior, draw, ae, ckpt, z, device, seed):
+    """Decoded images [N, 1, H, W] of what draw(generator) returns (a list of batches), and the seconds taken."""
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    with util.autocast(device, enabled=prior.amp):
-        drawn = [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
-                            callback if i == 0 else None) for i in range(0, len(z), batch_size)]
-    images = decode(ae, torch.cat(drawn), z, device, ckpt["config"].get("scale_factor", 1.0))
+    with torch.no_grad(), util.autocast(device, enabled=prior.amp):
+        drawn = torch.cat(draw(gen))
+    images = decode(ae, drawn, z, device, ckpt["config"].get("scale_factor", 1.0))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images, time.perf_counter() - t0
@@ -355,7 +372,8 @@ def stack_order(prior, config, args):
     if args.independent and args.order:
         raise UserError(f"--order {args.order}: does not apply with --independent (every slice is drawn alone)")
     if args.order and args.order not in orders:
-        can = f"draws subjects {' or '.join(orders)}" if orders else f"draws every slice alone{prior.alone_note(config)}"
+        can = (f"draws subjects {' or '.join(orders)}" if orders
+               else f"draws every slice alone{prior.alone_note(config)}")
         raise UserError(f"--order {args.order}: this {prior.name} {can}")
     return None if args.independent or not orders else args.order or orders[0]
 
@@ -377,17 +395,13 @@ def generate_stacks(prior, model, ae, ckpt, n, device, guidance, options, seed, 
     if order is None:
         images, seconds = generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_size)
         return images, z, seconds
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scale = config.get("scale_factor", 1.0)
-    snap = snap_to_stage_one(ae, scale)
-    t0 = time.perf_counter()
-    with torch.no_grad(), util.autocast(device, enabled=prior.amp):
-        drawn = [prior.draw_chain(model, config, min(batch_size, n - i), gen, guidance, options, order, snap)
-                 for i in range(0, n, batch_size)]
-    images = decode(ae, torch.cat(drawn).flatten(0, 1), z, device, scale)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return images, z, time.perf_counter() - t0
+    snap = snap_to_stage_one(ae, config.get("scale_factor", 1.0))
+
+    def draw(gen):
+        return [prior.draw_chain(model, config, min(batch_size, n - i), gen, guidance, options, order,
+                                 snap).flatten(0, 1) for i in range(0, n, batch_size)]
+    images, seconds = _timed(prior, draw, ae, ckpt, z, device, seed)
+    return images, z, seconds
 
 
 def gif_recorder(ae, ckpt, z, device, max_frames=40):
@@ -466,6 +480,9 @@ def check_subjects_dir(path):
         raise UserError(f"--out {path}: with --subjects, --out is a folder (e.g. subjects/), not a file name")
     if path.is_dir() and any(path.glob("*.pt")):
         raise UserError(f"--out {path}: holds checkpoints (a run folder); write the subjects to another folder")
+    if path.is_dir() and any(path.glob("subject_*.nii.gz")):
+        # never mixed with (or overwriting) an earlier draw: the folder is read back as one dataset
+        raise UserError(f"--out {path}: already holds subject_*.nii.gz from an earlier run; choose a new folder")
     util.check_writable(path, "--out")
     return path
 
@@ -513,8 +530,9 @@ def evaluate_cmd(prior, args):
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     if not config["conditional"]:
-        if args.order:
-            raise UserError(f"--order {args.order}: this {prior.name} is unconditional (no z-index), so it draws no stacks")
+        if args.order or args.independent:
+            flag = f"--order {args.order}" if args.order else "--independent"
+            raise UserError(f"{flag}: this {prior.name} is unconditional (no z-index), so it draws no stacks")
         z = sample_grid_z([-1], args.n)
         images, seconds = generate(prior, model, ae, ckpt, z, device, args.guidance, options, args.seed,
                                    args.batch_size)
@@ -549,7 +567,7 @@ def parse_args(prior, argv):
         s = sub.add_parser(command, help=text)
         s.add_argument("--ckpt", required=True, help=f"{prior.name} checkpoint (runs/NAME/best.pt)")
         s.add_argument("--ae", default=None, help="override the stage-one checkpoint recorded in --ckpt")
-        s.add_argument("--n", type=int, default=None if command == "sample" else 4,
+        s.add_argument("--n", type=int, default=None if command == "sample" else 16,
                        help="samples per z-index (default 1)" if command == "sample" else
                        "samples per z-index, i.e. subjects, scored slice by slice and as stacks")
         s.add_argument("--guidance", type=float, default=1.0,

@@ -40,6 +40,9 @@ from util import UserError
 RESUME_OVERRIDABLE = {"steps", "stop_at", "log_every", "val_every", "ckpt_every", "sample_every", "device", "num_workers", "compile"}
 
 
+FULL = object()  # Hyper.before: "the full value", distinct from any real value
+
+
 @dataclass(frozen=True)
 class Hyper:
     """One hyperparameter, declared once: its value in the `full` recipe, its help, its flag group, and the
@@ -54,12 +57,12 @@ class Hyper:
     arg: str = None
     low: float = 0      # numbers: the smallest value that works
     high: float = None  # numbers: the largest, where there is one
-    before: object = "full"  # what runs from before this hyperparameter existed had ("full": its full value)
+    before: object = FULL  # what runs from before this hyperparameter existed had (FULL: its full value)
 
     @property
     def legacy(self):
         """The value a saved config that lacks this hyperparameter stands for."""
-        return self.full if self.before == "full" else self.before
+        return self.full if self.before is FULL else self.before
 
     def problem(self, value):
         """Why `value` cannot be this hyperparameter's value (its type follows the `full` value), or None."""

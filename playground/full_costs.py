@@ -77,11 +77,11 @@ def prior_task(script, preset, stage_one_preset, device):
         if prior.needs_codes:
             return torch.randint(0, ae.n_embed, (b, *latent[1:]), generator=gen)
         return torch.randn((b, *latent), generator=gen)
-    def neighbours(b):  # indices into the 8 cached train latents (a neighbour-conditioned prior looks them up)
-        return torch.randint(0, 8, (b,), generator=gen)
+    def neighbours(b, pool=8):  # indices into a split's cached latents (a neighbour-conditioned prior looks them up)
+        return torch.randint(0, pool, (b,), generator=gen)
     cache = {"train": data(8), "validate": data(2), "train_z": torch.zeros(8, dtype=torch.long),
              "validate_z": torch.zeros(2, dtype=torch.long)}
-    cache.update({f"{split}_{side}": neighbours(n) for split, n in (("train", 8), ("validate", 2))
+    cache.update({f"{split}_{side}": neighbours(n, n) for split, n in (("train", 8), ("validate", 2))
                   for side in ("below", "above")})
     cfg = tr.preset_values(prior.hypers, prior.presets, preset)
     cfg.update(conditional=True, num_z=NUM_Z, ae="(none)", ae_sha256="")

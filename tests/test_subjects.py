@@ -98,8 +98,11 @@ def test_write_volume_round_trips_through_nibabel_and_dataset(train_set, tmp_pat
     assert len(back) == 3
     for s in range(3):
         got = next(v for k, v in back.items() if k.endswith(f"subject_{s:03d}"))
-        corr = np.corrcoef(got.astype(float).ravel(), stacks[s].astype(float).ravel())[0, 1]
-        assert corr > 0.99, (s, corr)  # the loader re-scales intensities by percentiles; geometry is exact
+        def corr(a):
+            return np.corrcoef(got.astype(float).ravel(), a.astype(float).ravel())[0, 1]
+        assert corr(stacks[s]) > 0.99, (s, corr(stacks[s]))  # intensities re-scaled by percentiles; geometry exact
+        for flipped in (stacks[s][::-1], stacks[s][:, ::-1], stacks[s][:, :, ::-1]):  # z, rows, columns
+            assert corr(flipped) < corr(stacks[s]) - 0.005  # a flip the symmetric template would hide shows
     assert dataset.voxel_spacing(folder, 32)[0] == pytest.approx((2.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="expected uint8 slices"):
         dataset.write_volume(stacks[0].astype(np.float32), tmp_path / "x.nii.gz", spacing)
@@ -278,12 +281,22 @@ def test_sample_subjects_writes_volumes_and_sheet(ldm_either, tmp_path, capsys):
     assert np.array_equal(np.asarray(nib.load(tmp_path / "again" / "subject_000.nii.gz").dataobj), first)  # seeded
 
 
-def test_independent_stacks_differ_from_chained_ones(ldm_either, tmp_path):
-    _sd("sample", "--ckpt", ldm_either / "best.pt", "--subjects", 1, "--steps", 3, "--out", tmp_path / "c")
-    _sd("sample", "--ckpt", ldm_either / "best.pt", "--subjects", 1, "--steps", 3, "--independent",
-        "--out", tmp_path / "i")
-    chained, alone = (np.asarray(nib.load(tmp_path / d / "subject_000.nii.gz").dataobj) for d in "ci")
-    assert chained.shape == alone.shape and not np.array_equal(chained, alone)
+@pytest.mark.parametrize("extra", [[], ["--independent"]])
+def test_chained_subjects_reach_the_unet_with_their_neighbour(ldm_either, tmp_path, monkeypatch, extra):
+    seen = set()  # (z, side of the neighbour) of every UNet call
+    forward = LatentUNet.forward
+
+    def spy(self, x_t, t, z=None, context=None):
+        sides = torch.zeros(len(x_t)) if context is None else context[:, -1, 0, 0]
+        seen.update(zip(z.tolist(), sides.tolist()))
+        return forward(self, x_t, t, z, context)
+
+    monkeypatch.setattr(LatentUNet, "forward", spy)
+    _sd("sample", "--ckpt", ldm_either / "best.pt", "--subjects", 1, "--steps", 2, *extra, "--out", tmp_path / "s")
+    if extra:
+        assert seen == {(k, 0.0) for k in range(32)}
+    else:  # middle-out: 16 alone, 17..31 see the slice below (+1), 15..0 the slice above (-1)
+        assert seen == {(16, 0.0)} | {(k, 1.0) for k in range(17, 32)} | {(k, -1.0) for k in range(16)}
 
 
 def test_evaluate_reports_consistency_beside_real_subjects(ldm_either, tmp_path, quick_eval):
@@ -320,6 +333,22 @@ def test_config_without_neighbours_loads_as_a_prior_without_them(ldm_alone, tmp_
                        dataset.voxel_spacing(ckpt["config"]["data"], 32)[0])
 
 
+def test_bad_voxel_size_in_a_checkpoint_is_one_line(ldm_either, tmp_path):
+    state = torch.load(ldm_either / "best.pt", map_location="cpu", weights_only=False)
+    state["config"]["spacing"] = [3.5, 0, 3.5]
+    util.save_checkpoint(state, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"bad\.pt: its config has spacing = \[3\.5, 0, 3\.5\], which must be three"):
+        _sd("sample", "--ckpt", tmp_path / "bad.pt", "--subjects", 1, "--out", tmp_path / "s")
+
+
+def test_neighbour_drop_must_leave_both_cases_to_learn(vae_run, tmp_path):
+    for p in (0.0, 1.0):
+        with pytest.raises(UserError, match=f"--p-neighbour-drop {p}: must lie strictly between 0 and 1"):
+            _sd("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--p-neighbour-drop", p,
+                "--out", tmp_path / f"r{p}")
+        assert not (tmp_path / f"r{p}").exists()  # refused before a run folder is claimed
+
+
 def test_cache_without_neighbour_indices_is_rebuilt(ldm_either, tmp_path):
     cache = torch.load(ldm_either / "latents.pt", map_location="cpu", weights_only=True)
     assert stage_two.load_cache(ldm_either / "latents.pt", cache["ae_sha256"]) is not None
@@ -353,6 +382,9 @@ def test_bad_subject_flags_give_one_clear_line(ldm_either, tmp_path, cli):
         (["--subjects", 2, "--independent", "--order", "bottom-up"], "--order bottom-up: does not apply with"),
         (["--independent"], "--independent: applies to whole subjects"),
         (["--order", "middle-out"], "--order middle-out: applies to whole subjects"),
+        (["--subjects", 1, "--out", tmp_path / "earlier"], "already holds subject_*.nii.gz from an earlier run"),
     ]
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "subject_000.nii.gz").write_bytes(b"x")
     cli.one_line_errors("stable_diffusion.py", [(["sample", "--ckpt", ckpt, *a], m) for a, m in cases])
     assert (tmp_path / "run" / "best.pt").read_bytes() == b"x"
