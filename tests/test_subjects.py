@@ -320,7 +320,7 @@ def test_prior_without_neighbours_needs_independent(ldm_alone, tmp_path):
 
 
 def test_config_without_neighbours_loads_as_a_prior_without_them(ldm_alone, tmp_path):
-    state = torch.load(ldm_alone / "best.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ldm_alone / "best.pt", map_location="cpu", weights_only=True)
     for key in ("neighbours", "p_neighbour_drop", "spacing"):
         state["config"].pop(key)  # a checkpoint from before neighbour conditioning
     util.save_checkpoint(state, tmp_path / "old.pt")
@@ -334,7 +334,7 @@ def test_config_without_neighbours_loads_as_a_prior_without_them(ldm_alone, tmp_
 
 
 def test_bad_voxel_size_in_a_checkpoint_is_one_line(ldm_either, tmp_path):
-    state = torch.load(ldm_either / "best.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ldm_either / "best.pt", map_location="cpu", weights_only=True)
     state["config"]["spacing"] = [3.5, 0, 3.5]
     util.save_checkpoint(state, tmp_path / "bad.pt")
     with pytest.raises(UserError, match=r"bad\.pt: its config has spacing = \[3\.5, 0, 3\.5\], which must be three"):
