@@ -2,7 +2,11 @@
 
 Every source comes back as a `SliceSet` per split: uint8 images [N, S, S] at the requested square
 size S (32, 64, 128 or 256), each slice with its z-index (-1 where unknown) and its subject id.
-Splits never share a subject.
+Splits never share a subject. With `labels=True` a split also carries its tissue maps (`SliceSet.labels`,
+uint8 classes 0..3 = background, CSF, grey, white matter, aligned with each slice and resized by nearest
+neighbour) where the data has them: the OASIS layout's seg PNGs (levels 0/85/170/255, seg_<subject>_slice_<z>
+.nii.png), which the embedded set writes too. A seg map without its image, an image without its seg map (in a
+split that has seg maps), a size mismatch or a stray level is one error naming the file; `inspect` checks them.
 
 Sources (`detect_layout` tells them apart):
 - oasis:  a folder holding keras_png_slices_{train,validate,test} (and optionally
@@ -56,6 +60,8 @@ OASIS_NAME = re.compile(r"case_(?P<subject>.+?)_slice_(?P<z>\d+)(?:\.nii)?\.png"
 OASIS_SEG_NAME = re.compile(r"seg_(?P<subject>.+?)_slice_(?P<z>\d+)(?:\.nii)?\.png", re.IGNORECASE)
 FOLDER_SPLITS = {"train": ("train",), "validate": ("validate", "val", "valid", "validation"), "test": ("test",)}
 SEG_LEVELS = np.array([85, 170, 255], dtype=np.uint8)  # CSF, grey matter, white matter (OASIS seg PNGs)
+LABELS = ("background", "CSF", "grey matter", "white matter")  # class k is seg PNG level SEG_CLASS_LEVELS[k]
+SEG_CLASS_LEVELS = np.array([0, 85, 170, 255], dtype=np.uint8)
 DEMO_SUBJECTS = 64
 DEMO_STATS = "embedded.json"
 
@@ -86,6 +92,7 @@ class SliceSet:
     size: int
     notes: list = field(default_factory=list)
     disk_sizes: dict = field(default_factory=dict)  # "HxW" (or volume shape) on disk -> count
+    labels: np.ndarray = None  # uint8 [N, S, S] tissue classes 0..3 (LABELS), where loaded with labels=True
 
     @property
     def conditional(self):
@@ -236,8 +243,9 @@ def split_subjects(subjects, seed=0, fractions=None):
 # Decoding 2-D images
 
 
-def fit_square(arr, size):
-    """Zero-pad a uint8 [H, W] image to a centred square (MRI background is black), then resize."""
+def fit_square(arr, size, nearest=False):
+    """Zero-pad a uint8 [H, W] image to a centred square (MRI background is black), then resize (`nearest`: by
+    nearest neighbour, for label maps, whose classes must never be averaged)."""
     h, w = arr.shape
     if h != w:
         side = max(h, w)
@@ -250,6 +258,8 @@ def fit_square(arr, size):
     # BOX is an exact area average when shrinking (256 -> 64 is a 4x4 mean): no aliasing and, unlike
     # LANCZOS, no ringing halo at the sharp brain/background edge. Bilinear never overshoots when growing.
     im = Image.fromarray(arr)
+    if nearest:
+        return np.asarray(im.resize((size, size), Image.NEAREST))
     if arr.shape[0] % size == 0:
         return np.asarray(im.reduce(arr.shape[0] // size))  # the same block mean, ~5x faster
     filt = Image.BOX if arr.shape[0] > size else Image.BILINEAR
@@ -383,8 +393,63 @@ def _require_split(items, split, folder):
         raise DataError(folder, f"the {split} split has no images")
 
 
-def _load_oasis(root, size, splits):
-    """Decode the requested OASIS splits."""
+def _read_seg(path, image_path, size):
+    """One OASIS seg PNG as tissue classes uint8 [size, size] (0..3, see LABELS), checked against its image: the
+    same size on disk, and only the four OASIS levels; else a DataError naming the seg file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im if im.mode == "L" else im.convert("L"))
+        with Image.open(image_path) as im:
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(path, f"unreadable or corrupt seg map ({err})") from None
+    if arr.shape != (height, width):
+        raise DataError(path, f"seg map is {arr.shape[0]}x{arr.shape[1]} but its image {image_path.name} is "
+                              f"{height}x{width}")
+    stray = np.setdiff1d(np.unique(arr), SEG_CLASS_LEVELS)
+    if stray.size:
+        raise DataError(path, f"holds levels {', '.join(map(str, stray[:5]))}{' ...' if stray.size > 5 else ''}; "
+                              f"an OASIS seg map has only 0, 85, 170, 255 ({', '.join(LABELS)})")
+    classes = np.zeros(256, dtype=np.uint8)
+    classes[SEG_CLASS_LEVELS] = np.arange(len(LABELS), dtype=np.uint8)
+    return fit_square(classes[arr], size, nearest=True)
+
+
+def _load_oasis_labels(root, split, items, size):
+    """Tissue classes [N, size, size] aligned with a split's slices `items` (subject, z, path), or None where the
+    split has no seg folder; a seg map without its image, or an image without its seg map, is a DataError."""
+    folder = root / OASIS_SEG_DIR.format(split)
+    if not folder.is_dir():
+        return None
+    seen = {}
+    for f in _files(folder):
+        m = OASIS_SEG_NAME.fullmatch(f.name)
+        if m:
+            seen[(m["subject"], int(m["z"]))] = f
+    keys = {(subject, z) for subject, z, _ in items}
+    orphans = sorted(set(seen) - keys)
+    if orphans:
+        raise DataError(seen[orphans[0]], f"seg map without its image (no case_{orphans[0][0]}_slice_{orphans[0][1]}"
+                                          f".nii.png in {OASIS_DIR.format(split)}; {len(orphans)} such)")
+    missing = [(subject, z, path) for subject, z, path in items if (subject, z) not in seen]
+    if missing:
+        subject, z, path = missing[0]
+        raise DataError(folder, f"no seg map for {path.name} (expected seg_{subject}_slice_{z}.nii.png; "
+                                f"{len(missing)} of {len(items)} slices have none)")
+    labels = np.zeros((len(items), size, size), dtype=np.uint8)
+
+    def work(i):
+        subject, z, path = items[i]
+        labels[i] = _read_seg(seen[(subject, z)], path, size)
+
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 2)) as ex:
+        list(ex.map(work, range(len(items))))
+    return labels
+
+
+def _load_oasis(root, size, splits, labels=False):
+    """Decode the requested OASIS splits (and their seg maps, with `labels`)."""
     index, notes = _oasis_index(root)
     present = [z for items in index.values() if items for _, z, _ in items]
     num_z = max(present) + 1 if present else 0
@@ -399,7 +464,8 @@ def _load_oasis(root, size, splits):
         extra = [f"{len(short)} subjects have fewer than {num_z} slices (e.g. {short[0]})"] if short else []
         out[split] = SliceSet(images, np.array([z for _, z, _ in items], dtype=np.int64),
                               np.array([s for s, _, _ in items], dtype=str), [str(p) for p in paths],
-                              split, "oasis", num_z, size, notes + dec_notes + extra, disk)
+                              split, "oasis", num_z, size, notes + dec_notes + extra, disk,
+                              _load_oasis_labels(root, split, items, size) if labels else None)
     return out
 
 
@@ -602,23 +668,25 @@ def _check_args(size, splits):
             raise UserError(f"unknown split '{split}': expected one of {', '.join(SPLITS)}")
 
 
-def load_splits(path, size=64, splits=SPLITS, num_slices=32, seed=0):
-    """{split: SliceSet} for the requested splits of any source (NIfTI volumes are read once for all)."""
+def load_splits(path, size=64, splits=SPLITS, num_slices=32, seed=0, labels=False):
+    """{split: SliceSet} for the requested splits of any source (NIfTI volumes are read once for all). With
+    `labels`, each split's tissue maps too (`SliceSet.labels`; None where the data has none: only the OASIS
+    layout, and the embedded set written in it, carry seg maps)."""
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     _check_args(size, splits)
     if num_slices < 1:
         raise UserError(f"--num-slices {num_slices}: must be at least 1")
     kind, root = detect_layout(path)
     if kind == "oasis":
-        return _load_oasis(root, size, splits)
+        return _load_oasis(root, size, splits, labels)
     if kind == "nifti":
         return _load_nifti(root, size, splits, num_slices, seed)
     return _load_folder(root, size, splits, seed)
 
 
-def load_split(path, split, size=64, num_slices=32, seed=0):
+def load_split(path, split, size=64, num_slices=32, seed=0, labels=False):
     """One split of any source as a SliceSet."""
-    return load_splits(path, size, (split,), num_slices, seed)[split]
+    return load_splits(path, size, (split,), num_slices, seed, labels)[split]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -936,6 +1004,16 @@ def _print_sets(sets, seconds, size):
         print(f"note: ... and {len(notes) - 12} more")
 
 
+def _print_labels(sets):
+    """Per split with tissue maps: how many slices, and the fraction of pixels in each class."""
+    for split, s in sets.items():
+        if s.labels is None:
+            continue
+        share = np.bincount(s.labels.ravel(), minlength=len(LABELS)) / s.labels.size
+        print(f"labels {split}: {len(s.labels)} seg maps aligned with the slices; "
+              + ", ".join(f"{name} {100 * f:.1f}%" for name, f in zip(LABELS, share)))
+
+
 def cmd_inspect(args):
     """Print what a data folder holds and how fast it loads; exit 1 when a split has a problem."""
     kind, root = detect_layout(args.path)
@@ -951,8 +1029,9 @@ def cmd_inspect(args):
             problems.append(str(err))
     if ok:
         start = time.perf_counter()
-        sets = load_splits(root, args.size, ok, args.num_slices, args.seed)
+        sets = load_splits(root, args.size, ok, args.num_slices, args.seed, labels=True)
         _print_sets(sets, time.perf_counter() - start, args.size)
+        _print_labels(sets)
     for problem in problems:
         print(f"problem: {problem}")
     if problems:

@@ -1,0 +1,117 @@
+"""Tissue labels in the data API: OASIS seg PNGs (and the embedded set's) loaded as classes 0..3 aligned with
+each slice, resized by nearest neighbour, and every broken seg input as one DataError naming the file.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_labels.py
+"""
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+from dataset import DataError
+
+LEVELS = np.array([0, 85, 170, 255], dtype=np.uint8)
+
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _seg_map(subject, z, side):
+    """A random seg map seeded by (subject, z): every class appears, and each slice's map is its own."""
+    rng = np.random.default_rng(1000 * int(subject) + z)
+    return LEVELS[rng.integers(0, 4, (side, side))]
+
+
+def make_tree(root, side=32, num_z=3, layout=None):
+    layout = layout or {"train": ["001", "002"], "validate": ["003"], "test": ["004"]}
+    for split, subjects in layout.items():
+        for s in subjects:
+            for z in range(num_z):
+                _png(root / f"keras_png_slices_{split}" / f"case_{s}_slice_{z}.nii.png",
+                     np.full((side, side), 10 * z + int(s), np.uint8))
+                _png(root / f"keras_png_slices_seg_{split}" / f"seg_{s}_slice_{z}.nii.png", _seg_map(s, z, side))
+    return root
+
+
+def test_labels_are_classes_aligned_with_their_slices(tmp_path):
+    root = make_tree(tmp_path / "d")
+    sets = dataset.load_splits(root, size=32, labels=True)
+    for split, s in sets.items():
+        assert s.labels.shape == s.images.shape and s.labels.dtype == np.uint8
+        for i in range(len(s)):
+            subject, z = s.subjects[i], int(s.z[i])
+            assert s.images[i, 0, 0] == 10 * z + int(subject)  # the slice ...
+            expected = np.searchsorted(LEVELS, _seg_map(subject, z, 32))  # ... and its own map, as 0..3
+            assert np.array_equal(s.labels[i], expected), (split, subject, z)
+    assert dataset.load_splits(root, size=32)["train"].labels is None  # only loaded when asked for
+
+
+def test_labels_are_resized_by_nearest_neighbour(tmp_path):
+    root = make_tree(tmp_path / "d", side=128, num_z=1)
+    s = dataset.load_split(root, "train", size=32, labels=True)
+    full = np.searchsorted(LEVELS, _seg_map(s.subjects[0], 0, 128))
+    # PIL's nearest resampling 128 -> 32 takes the pixel at the centre of each 4x4 block, (2, 2) of it
+    assert np.array_equal(s.labels[0], full[2::4, 2::4])
+    assert set(np.unique(s.labels)) <= {0, 1, 2, 3}  # never an averaged, in-between class
+
+
+def test_split_without_seg_folder_has_no_labels(tmp_path):
+    root = make_tree(tmp_path / "d")
+    for f in (root / "keras_png_slices_seg_test").iterdir():
+        f.unlink()
+    (root / "keras_png_slices_seg_test").rmdir()
+    sets = dataset.load_splits(root, size=32, labels=True)
+    assert sets["test"].labels is None and sets["train"].labels is not None
+
+
+def test_bad_seg_maps_name_the_file(tmp_path):
+    root = make_tree(tmp_path / "d")
+    seg = root / "keras_png_slices_seg_train"
+    orphan = seg / "seg_009_slice_0.nii.png"
+    _png(orphan, np.zeros((32, 32), np.uint8))
+    with pytest.raises(DataError, match=r"seg_009_slice_0.nii.png: seg map without its image \(no "
+                                        r"case_009_slice_0.nii.png in keras_png_slices_train"):
+        dataset.load_splits(root, size=32, labels=True)
+    orphan.unlink()
+    missing = seg / "seg_002_slice_1.nii.png"
+    kept = missing.read_bytes()
+    missing.unlink()
+    with pytest.raises(DataError, match=r"keras_png_slices_seg_train: no seg map for case_002_slice_1.nii.png "
+                                        r"\(expected seg_002_slice_1.nii.png; 1 of 6 slices have none\)"):
+        dataset.load_splits(root, size=32, labels=True)
+    missing.write_bytes(kept)
+    target = seg / "seg_001_slice_2.nii.png"
+    _png(target, LEVELS[np.zeros((16, 32), int)])
+    with pytest.raises(DataError, match=r"seg_001_slice_2.nii.png: seg map is 16x32 but its image "
+                                        r"case_001_slice_2.nii.png is 32x32"):
+        dataset.load_splits(root, size=32, labels=True)
+    _png(target, np.full((32, 32), 100, np.uint8))
+    with pytest.raises(DataError, match=r"seg_001_slice_2.nii.png: holds levels 100; an OASIS seg map has only "
+                                        r"0, 85, 170, 255"):
+        dataset.load_splits(root, size=32, labels=True)
+    target.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"seg_001_slice_2.nii.png: unreadable or corrupt seg map"):
+        dataset.load_splits(root, size=32, labels=True)
+    assert dataset.load_splits(root, size=32)["train"].labels is None  # images alone still load
+
+
+def test_embedded_set_labels_cover_the_brain(tiny_data):
+    s = dataset.load_split(tiny_data, "train", size=32, labels=True)
+    brain = s.labels > 0
+    assert 0.1 < brain.mean() < 0.6 and set(np.unique(s.labels)) == {0, 1, 2, 3}
+    inside, outside = s.images[brain].mean(), s.images[~brain].mean()
+    assert inside > 4 * outside  # the maps lie on the bright brain, not shifted off it
+    white, grey = s.images[s.labels == 3].mean(), s.images[s.labels == 2].mean()
+    assert white > grey  # T1: white matter brighter than grey
+
+
+def test_inspect_reports_labels_and_bad_seg_is_one_line(tmp_path, cli):
+    root = make_tree(tmp_path / "d")
+    result = cli.run("dataset.py", "inspect", root, "--size", 32, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "labels train: 6 seg maps aligned with the slices; background" in result.stdout
+    _png(root / "keras_png_slices_seg_validate" / "seg_003_slice_0.nii.png", np.full((32, 32), 7, np.uint8))
+    cli.assert_one_line_error(cli.run("dataset.py", "inspect", root, "--size", 32, timeout=120),
+                              "seg_003_slice_0.nii.png: holds levels 7")
