@@ -5,8 +5,10 @@ size S (32, 64, 128 or 256), each slice with its z-index (-1 where unknown) and 
 Splits never share a subject. With `labels=True` a split also carries its tissue maps (`SliceSet.labels`,
 uint8 classes 0..3 = background, CSF, grey, white matter, aligned with each slice and resized by nearest
 neighbour) where the data has them: the OASIS layout's seg PNGs (levels 0/85/170/255, seg_<subject>_slice_<z>
-.nii.png), which the embedded set writes too. A seg map without its image, an image without its seg map (in a
-split that has seg maps), a size mismatch or a stray level is one error naming the file; `inspect` checks them.
+.nii.png), which the embedded set writes too, and for NIfTI a label volume NAME_seg.nii.gz beside each NAME.nii.gz
+(values 0..3 or those levels, on the image's grid, sliced where the image is). A map without its image, an image
+without its map (where the data has maps), a size or grid mismatch or a stray value is one error naming the
+file; `inspect` checks them.
 
 Sources (`detect_layout` tells them apart):
 - oasis:  a folder holding keras_png_slices_{train,validate,test} (and optionally
@@ -473,16 +475,34 @@ def _load_oasis(root, size, splits, labels=False):
 # Source 2: NIfTI / Analyze volumes
 
 
-def _nifti_index(root, seed):
-    """Per split, the sorted (subject, path) of its volumes; subject = relative path without extension."""
-    volumes = []
+LABEL_SUFFIX = "_seg"  # NAME_seg.nii.gz beside NAME.nii.gz: that subject's tissue labels
+
+
+def _nifti_volumes(root):
+    """(subject, path) of every image volume and {subject: path} of the label volumes (NAME_seg beside NAME);
+    subject = relative path without extension. A label volume without its image is a DataError."""
+    volumes, labels = [], {}
     for f in _files(root, recursive=True):
         ext = _volume_ext(f)
         if ext is None:
             continue
         if ext == ".img" and not f.with_suffix(".hdr").exists() and not f.with_suffix(".HDR").exists():
             raise DataError(f, "Analyze .img volume without its .hdr header beside it")
-        volumes.append((f.relative_to(root).as_posix()[: -len(ext)], f))
+        name = f.relative_to(root).as_posix()[: -len(ext)]
+        if name.endswith(LABEL_SUFFIX):
+            labels[name[: -len(LABEL_SUFFIX)]] = f
+        else:
+            volumes.append((name, f))
+    orphans = sorted(set(labels) - {name for name, _ in volumes})
+    if orphans:
+        raise DataError(labels[orphans[0]], f"label volume without its image (no {Path(orphans[0]).name} volume "
+                                            f"beside it)")
+    return volumes, labels
+
+
+def _nifti_index(root, seed):
+    """Per split, the sorted (subject, path) of its image volumes (label volumes are not subjects)."""
+    volumes, _ = _nifti_volumes(root)
     first = {}
     for subject, f in volumes:
         if subject in first:
@@ -520,8 +540,9 @@ def _read_volume(path):
 MAX_VOXEL_RATIO = 20  # in-plane voxel aspect beyond which an affine is taken for a broken header
 
 
-def _volume_slices(path, num_slices, size):
-    """K axial slices of one volume as uint8 [K, size, size], notes (no file name) and the shape on disk."""
+def _volume_slices(path, num_slices, size, label_path=None):
+    """K axial slices of one volume as uint8 [K, size, size], notes (no file name), the shape on disk, and the
+    same K slices of its label volume as tissue classes (None without `label_path`)."""
     data, affine, shape, notes = _read_volume(path)
     mask = data != 0
     if not mask.any():
@@ -548,14 +569,37 @@ def _volume_slices(path, num_slices, size):
                               f"an MRI volume (zero, not finite, or more than {MAX_VOXEL_RATIO}:1)")
     if abs(zooms[0] - zooms[1]) > 0.01 * zooms.max():
         notes.append("non-square in-plane voxels: resampled to square pixels")
-    out = np.zeros((num_slices, size, size), dtype=np.uint8)
-    for k in range(num_slices):
-        sl = scaled[:, :, k].T[::-1]  # rows run anterior (top) -> posterior, columns left -> right
-        out[k] = fit_square(np.ascontiguousarray(_square_pixels(sl, zooms)), size)
-    return out, notes, shape
+    labels = None if label_path is None else _axial(_label_classes(label_path, path, data.shape, affine)[:, :, picks],
+                                                     zooms, size, nearest=True)
+    return _axial(scaled, zooms, size), notes, shape, labels
 
 
-def _square_pixels(sl, zooms):
+def _axial(picked, zooms, size, nearest=False):
+    """uint8 [x, y, K] picked axial planes -> [K, size, size] slices with square pixels (`nearest`: labels)."""
+    out = np.zeros((picked.shape[2], size, size), dtype=np.uint8)
+    for k in range(picked.shape[2]):
+        sl = picked[:, :, k].T[::-1]  # rows run anterior (top) -> posterior, columns left -> right
+        out[k] = fit_square(np.ascontiguousarray(_square_pixels(sl, zooms, nearest)), size, nearest)
+    return out
+
+
+def _label_classes(label_path, image_path, shape, affine):
+    """A label volume as uint8 classes 0..3 (LABELS) on its image's canonical grid: labels 0..3, or the OASIS
+    seg levels 0/85/170/255; a different grid or any other value is a DataError naming the label file."""
+    data, label_affine, _, _ = _read_volume(label_path)
+    if data.shape != shape or not np.allclose(label_affine, affine, atol=1e-3):
+        grids = f"shape {'x'.join(map(str, data.shape))} vs {'x'.join(map(str, shape))}, or affines differ"
+        raise DataError(label_path, f"label volume is not on the grid of its image {image_path.name} ({grids})")
+    values = np.unique(data)
+    for levels in (np.arange(len(LABELS)), SEG_CLASS_LEVELS):
+        if np.isin(values, levels).all():
+            return np.searchsorted(levels, data).astype(np.uint8)
+    stray = values[~np.isin(values, np.arange(len(LABELS)))][:5]
+    raise DataError(label_path, f"holds values {', '.join(f'{v:g}' for v in stray)}; labels must be 0..3 "
+                                f"({', '.join(LABELS)}) or the OASIS levels 0, 85, 170, 255")
+
+
+def _square_pixels(sl, zooms, nearest=False):
     """Resample an axial slice (rows = y, columns = x) so its pixels are square in millimetres."""
     zx, zy = float(zooms[0]), float(zooms[1])
     if abs(zx - zy) <= 0.01 * max(zx, zy):
@@ -563,7 +607,7 @@ def _square_pixels(sl, zooms):
     fine = min(zx, zy)
     h, w = sl.shape
     shape = (max(1, round(w * zx / fine)), max(1, round(h * zy / fine)))
-    return np.asarray(Image.fromarray(sl).resize(shape, Image.BILINEAR))
+    return np.asarray(Image.fromarray(sl).resize(shape, Image.NEAREST if nearest else Image.BILINEAR))
 
 
 def _group_notes(named_notes):
@@ -575,18 +619,37 @@ def _group_notes(named_notes):
             for note, names in by_note.items()]
 
 
-def _load_nifti(root, size, splits, num_slices, seed):
-    """Read each needed volume once and return the requested splits."""
+def _nifti_label_paths(root, index, splits):
+    """Per subject of the requested splits its label volume, or None where the data has no label volumes; where
+    only some subjects have one, a DataError names the first without."""
+    _, labels = _nifti_volumes(root)
+    if not labels:
+        return None
+    wanted = [(s, f) for split in splits for s, f in index[split]]
+    missing = [(s, f) for s, f in wanted if s not in labels]
+    if missing:
+        s, f = missing[0]
+        raise DataError(f, f"no label volume beside it (expected {Path(s).name}{LABEL_SUFFIX}{_volume_ext(f)}; "
+                           f"{len(missing)} of {len(wanted)} volumes have none)")
+    return labels
+
+
+def _load_nifti(root, size, splits, num_slices, seed, labels=False):
+    """Read each needed volume once (and its label volume, with `labels`) and return the requested splits."""
     index = _nifti_index(root, seed)
     total = sum(len(v) for v in index.values())
     for split in splits:
         if not index[split]:
             raise DataError(root, f"the {split} split has no volumes ({total} subjects found; "
                                   f"at least 3 are needed for train/validate/test)")
+    label_paths = _nifti_label_paths(root, index, splits) if labels else None
     jobs = [(split, s, p) for split in splits for s, p in index[split]]
+
+    def read(job):
+        return _volume_slices(job[2], num_slices, size, label_paths[job[1]] if label_paths else None)
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as ex:
-        results = list(tqdm(ex.map(lambda job: _volume_slices(job[2], num_slices, size), jobs), total=len(jobs),
-                            desc="read volumes", unit="vol", disable=None if len(jobs) > 20 else True, leave=False))
+        results = list(tqdm(ex.map(read, jobs), total=len(jobs), desc="read volumes", unit="vol",
+                            disable=None if len(jobs) > 20 else True, leave=False))
     out = {}
     for split in splits:
         picked = [(job, res) for job, res in zip(jobs, results) if job[0] == split]
@@ -598,7 +661,8 @@ def _load_nifti(root, size, splits, num_slices, seed):
         z = np.tile(np.arange(num_slices, dtype=np.int64), len(picked))
         notes.append(f"volumes: {num_slices} axial slices each over the non-zero extent, "
                      f"intensities scaled by the 0.5/99.5th percentiles of non-zero voxels, resized to {size}x{size}")
-        out[split] = SliceSet(images, z, subjects, paths, split, "nifti", num_slices, size, notes, disk)
+        tissue = np.concatenate([res[3] for _, res in picked]) if label_paths else None
+        out[split] = SliceSet(images, z, subjects, paths, split, "nifti", num_slices, size, notes, disk, tissue)
     return out
 
 
@@ -670,8 +734,8 @@ def _check_args(size, splits):
 
 def load_splits(path, size=64, splits=SPLITS, num_slices=32, seed=0, labels=False):
     """{split: SliceSet} for the requested splits of any source (NIfTI volumes are read once for all). With
-    `labels`, each split's tissue maps too (`SliceSet.labels`; None where the data has none: only the OASIS
-    layout, and the embedded set written in it, carry seg maps)."""
+    `labels`, each split's tissue maps too (`SliceSet.labels`; None where the data has none: plain image folders
+    never do)."""
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     _check_args(size, splits)
     if num_slices < 1:
@@ -680,7 +744,7 @@ def load_splits(path, size=64, splits=SPLITS, num_slices=32, seed=0, labels=Fals
     if kind == "oasis":
         return _load_oasis(root, size, splits, labels)
     if kind == "nifti":
-        return _load_nifti(root, size, splits, num_slices, seed)
+        return _load_nifti(root, size, splits, num_slices, seed, labels)
     return _load_folder(root, size, splits, seed)
 
 
@@ -977,7 +1041,9 @@ def _scan(kind, root, seed):
     if kind == "oasis":
         return _oasis_index(root)[0], {s: root / OASIS_DIR.format(s) for s in SPLITS}, _oasis_seg_counts(root)
     if kind == "nifti":
-        return _nifti_index(root, seed), dict.fromkeys(SPLITS, root), {}
+        index, labels = _nifti_index(root, seed), _nifti_volumes(root)[1]
+        counts = {split: sum(s in labels for s, _ in index[split]) for split in SPLITS} if labels else {}
+        return index, dict.fromkeys(SPLITS, root), counts
     index, _, folders = _folder_index(root, seed)
     return index, folders, {}
 

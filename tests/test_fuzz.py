@@ -549,6 +549,6 @@ def test_nonfinite_and_extreme_voxels_are_background_not_nan_pixels(nifti_folder
     nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 1.2, 1.0])), tmp_path / "v.nii.gz")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no invalid-value warnings on the way
-        slices, notes, _ = dataset._volume_slices(tmp_path / "v.nii.gz", 8, 32)
+        slices, notes, _, _ = dataset._volume_slices(tmp_path / "v.nii.gz", 8, 32)
     assert "3 NaN or infinite voxels read as background (0)" in notes
     assert slices.dtype == np.uint8 and slices.shape == (8, 32, 32) and slices.max() > 0

@@ -115,3 +115,91 @@ def test_inspect_reports_labels_and_bad_seg_is_one_line(tmp_path, cli):
     _png(root / "keras_png_slices_seg_validate" / "seg_003_slice_0.nii.png", np.full((32, 32), 7, np.uint8))
     cli.assert_one_line_error(cli.run("dataset.py", "inspect", root, "--size", 32, timeout=120),
                               "seg_003_slice_0.nii.png: holds levels 7")
+
+
+# ----------------------------------------------------------------------------------------------
+# NIfTI: NAME_seg.nii.gz beside NAME.nii.gz
+
+
+def _nifti_subject(folder, name, label_fn, levels=None, label_shape=None):
+    """A 32x32x40 volume: a constant ellipsoid brain over z 8..31, and its label volume label_fn(x, y, z) inside
+    the brain (0 outside), optionally written as the OASIS levels."""
+    import nibabel as nib
+
+    x, y, z = np.indices((32, 32, 40))
+    inside = (((x - 15.5) / 13) ** 2 + ((y - 15.5) / 13) ** 2 <= 1) & (z >= 8) & (z <= 31)
+    image = np.where(inside, 200.0, 0.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"{name}.nii.gz"))
+    label = np.where(inside, label_fn(x, y, z), 0).astype(np.uint8)
+    if levels is not None:
+        label = levels[label]
+    if label_shape is not None:
+        label = label[: label_shape[0], : label_shape[1], : label_shape[2]]
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(folder / f"{name}_seg.nii.gz"))
+    return inside
+
+
+def test_nifti_label_volumes_are_sliced_where_the_image_is(tmp_path):
+    folder = tmp_path / "nifti"
+    folder.mkdir()
+    def by_side_and_height(x, y, z):
+        return 1 + (x >= 16) + (z >= 20)
+    for i in range(3):
+        inside = _nifti_subject(folder, f"sub{i}", by_side_and_height, levels=LEVELS if i == 1 else None)
+    sets = dataset.load_splits(folder, size=32, num_slices=8, labels=True)
+    picks = np.floor(8 + (np.arange(8) + 0.5) * 24 / 8).astype(int)  # centres of 8 bins over z 8..31
+    rows, cols = np.indices((32, 32))
+    for s in sets.values():
+        assert s.labels.shape == (8, 32, 32)
+        for k, zk in enumerate(picks):
+            brain = inside[cols, 31 - rows, zk]  # rows run anterior -> posterior (y flipped), columns = x
+            expected = np.where(brain, 1 + (cols >= 16) + (zk >= 20), 0)
+            assert np.array_equal(s.labels[k], expected), k
+            assert np.array_equal(s.images[k] > 0, brain)  # the image's brain is the labelled one
+    assert all(s.labels is None for s in dataset.load_splits(folder, size=32, num_slices=8).values())
+    assert len(dataset.load_splits(folder, size=32, num_slices=8)["train"].subjects) == 8  # labels are not subjects
+
+
+def test_nifti_label_rows_run_anterior_to_posterior(tmp_path):
+    folder = tmp_path / "nifti"
+    folder.mkdir()
+    for i in range(3):
+        _nifti_subject(folder, f"sub{i}", lambda x, y, z: 1 + (y >= 16))
+    s = dataset.load_split(folder, "train", size=32, num_slices=8, labels=True)
+    mid = s.labels[4]
+    assert (mid[:16][mid[:16] > 0] == 2).all() and (mid[16:][mid[16:] > 0] == 1).all()  # anterior (high y) on top
+
+
+def test_bad_nifti_label_volumes_name_the_file(tmp_path):
+    import nibabel as nib
+
+    folder = tmp_path / "nifti"
+    folder.mkdir()
+    for i in range(3):
+        _nifti_subject(folder, f"sub{i}", lambda x, y, z: 1 + (x >= 16))
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 40), np.uint8), np.eye(4)), str(folder / "ghost_seg.nii.gz"))
+    with pytest.raises(DataError, match=r"ghost_seg.nii.gz: label volume without its image"):
+        dataset.load_splits(folder, size=32, labels=True)
+    (folder / "ghost_seg.nii.gz").unlink()
+    (folder / "sub2_seg.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"sub2.nii.gz: no label volume beside it \(expected sub2_seg.nii.gz; "
+                                        r"1 of 3 volumes have none\)"):
+        dataset.load_splits(folder, size=32, labels=True)
+    assert dataset.load_splits(folder, size=32)["train"].labels is None  # images alone still load
+    _nifti_subject(folder, "sub2", lambda x, y, z: 1 + (x >= 16), label_shape=(32, 32, 30))
+    with pytest.raises(DataError, match=r"sub2_seg.nii.gz: label volume is not on the grid of its image sub2.nii.gz"):
+        dataset.load_splits(folder, size=32, labels=True)
+    _nifti_subject(folder, "sub2", lambda x, y, z: 7)
+    with pytest.raises(DataError, match=r"sub2_seg.nii.gz: holds values 7; labels must be 0..3"):
+        dataset.load_splits(folder, size=32, labels=True)
+
+
+def test_inspect_counts_nifti_label_volumes(tmp_path, cli):
+    folder = tmp_path / "nifti"
+    folder.mkdir()
+    for i in range(3):
+        _nifti_subject(folder, f"sub{i}", lambda x, y, z: 1 + (x >= 16))
+    result = cli.run("dataset.py", "inspect", folder, "--size", 32, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "seg maps: train 1, validate 1, test 1" in result.stdout
+    assert "labels train: 32 seg maps aligned with the slices" in result.stdout
