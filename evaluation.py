@@ -34,9 +34,15 @@ VQ-VAE the fraction of codes used and the code perplexity over the whole split.
   stack/z_spacing: its rise per slice (the least-squares slope of prediction against slice number, mean
   over subjects; 1 for a perfect stack).
 
+`segmentation_reference(data_path, size)` (`python evaluation.py --segmenter STEPS`): a small U-Net
+(`SegNet`) trained from scratch on real image/tissue pairs (all train slices, and 2 train subjects), with its
+Dice per tissue on the real test split (`dice_scores`): the real-trained side of train-on-synthetic /
+test-on-real, for when samples come with tissue maps.
+
 Commands (the real-vs-real baseline: real *test* slices scored as if they were samples):
     python evaluation.py                                   # embedded dataset, 64x64
     python evaluation.py --data /path/to/OASIS --size 128 --n 512 --out runs/baseline_128.json
+    python evaluation.py --segmenter 400                   # plus the segmenter's Dice on real test slices
 """
 import contextlib
 import hashlib
@@ -621,6 +627,105 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Downstream use: a tissue segmenter trained from scratch here (the reference half of train-on-synthetic /
+# test-on-real: the same network, steps and seed, trained on real pairs)
+
+
+class SegNet(nn.Module):
+    """A small U-Net (two poolings) from a slice [B, 1, H, W] to tissue logits [B, 4, H, W] (dataset.LABELS)."""
+
+    def __init__(self, width=16, classes=len(dataset.LABELS)):
+        super().__init__()
+        self.width = int(width)
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1),
+                                 nn.ReLU())
+        w = self.width
+        self.enc1, self.enc2, self.mid = block(1, w), block(w, 2 * w), block(2 * w, 4 * w)
+        self.up2, self.dec2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), block(4 * w, 2 * w)
+        self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), block(2 * w, w)
+        self.out = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x):
+        """Logits per tissue class; H and W must be divisible by 4."""
+        e1 = self.enc1(x.float())
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        m = self.mid(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))
+        return self.out(self.dec1(torch.cat([self.up1(d2), e1], dim=1)))
+
+
+def train_segmenter(images, labels, steps=400, batch_size=32, lr=3e-3, seed=0, width=16):
+    """Fit a SegNet on image/label pairs (images uint8 or float [N, 1, H, W], labels long/uint8 [N, H, W] in
+    0..3) with cross-entropy, AdamW and a one-cycle LR; left-right flips and small shifts, applied to both."""
+    x_all, y_all = _as_float(images), torch.as_tensor(labels).long()
+    if len(x_all) != len(y_all) or len(x_all) < 1:
+        raise ValueError(f"need matching images and labels, got {len(x_all)} and {len(y_all)}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SegNet(width)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
+        x, y = x_all[idx], y_all[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        y = torch.where(flip[:, None, None], y.flip(-1), y)
+        dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+        x, y = torch.roll(x, (dy, dx), dims=(-2, -1)), torch.roll(y, (dy, dx), dims=(-2, -1))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def segment(model, images, batch_size=128):
+    """Predicted tissue classes long [N, H, W] of uint8 or float images [N, 1, H, W]."""
+    return torch.cat([model(_as_float(images[i:i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def dice_scores(pred, target):
+    """Dice per tissue over a whole set of maps (2 |P and T| / (|P| + |T|) for each class but background, pixels
+    of all slices pooled), and their mean: {'dice/CSF': ..., 'dice/grey matter': ..., 'dice_mean': ...}."""
+    pred, target = torch.as_tensor(pred).long(), torch.as_tensor(target).long()
+    out = {}
+    for c, name in enumerate(dataset.LABELS[1:], start=1):
+        p, t = pred == c, target == c
+        total = int(p.sum() + t.sum())
+        out[f"dice/{name}"] = 2 * int((p & t).sum()) / total if total else 1.0
+    out["dice_mean"] = float(np.mean([out[f"dice/{name}"] for name in dataset.LABELS[1:]]))
+    return out
+
+
+def segmentation_reference(data_path, size, n=None, steps=400, seed=0):
+    """Real-pair references of train-on-synthetic / test-on-real: the segmenter trained on n random real train
+    pairs (default all), and on the first 2 real train subjects, each scored by Dice on the real test split."""
+    root = dataset.ensure_dataset(data_path, size)
+    train = dataset.load_split(root, "train", size=size, labels=True)
+    test = dataset.load_split(root, "test", size=size, labels=True)
+    if train.labels is None or test.labels is None:
+        raise UserError(f"{root}: has no tissue maps for the train and test splits (seg maps or label volumes)")
+    images, _ = train.tensors()
+    pick = _pick(len(images), n, np.random.default_rng(seed))
+    two = np.flatnonzero(np.isin(train.subjects, sorted(set(train.subjects))[:2]))
+    test_images, _ = test.tensors()
+    metrics = {"segmenter_steps": steps, "segmenter_train_pairs": len(pick), "segmenter_test_slices": len(test_images)}
+    for key, rows in (("real", pick), ("real_2_subjects", two)):
+        # unlike the z regressor, every thread pays here: 298 -> 152 ms a step from 1 to 2 threads at 64x64
+        model = train_segmenter(images[rows], torch.from_numpy(train.labels[rows]), steps=steps, seed=seed)
+        scores = dice_scores(segment(model, test_images), torch.from_numpy(test.labels))
+        metrics.update({f"segmenter_{key}/{k}": v for k, v in scores.items()})
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # Whole subjects: are the slices of a stack one brain?
 
 OUTLINE_LEVEL = -0.8  # brain vs background threshold in [-1, 1] (the background is ~ -1)
@@ -704,6 +809,10 @@ def parse_args(argv):
     p.add_argument("--size", type=int, choices=list(dataset.SIZES), default=64, help="image size")
     p.add_argument("--n", type=int, default=256, help="real test slices scored as if they were samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, pairs, patches and projections")
+    p.add_argument("--segmenter", type=int, default=0, metavar="STEPS",
+                   help="also train the tissue segmenter for STEPS steps on all real train pairs and on 2 real "
+                        "subjects, and report its Dice on the test split (the real reference of train-on-"
+                        "synthetic; needs seg maps); 0: skip")
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     return p.parse_args(argv)
 
@@ -713,12 +822,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.n < 2:
         raise UserError(f"--n {args.n}: need at least 2 slices")
+    if args.segmenter < 0:
+        raise UserError(f"--segmenter {args.segmenter}: steps must be 0 (skip) or more")
     root = dataset.ensure_dataset(args.data, args.size)
     test = dataset.load_split(root, "test", size=args.size)
     images, z = test.tensors()
     pick = _pick(len(images), args.n, np.random.default_rng(args.seed + 1))
     metrics = evaluate_samples(util.to_float(images[pick]), z[pick], root, seed=args.seed)
     metrics["samples"] = f"{len(pick)} real test slices"
+    if args.segmenter:
+        metrics.update(segmentation_reference(root, args.size, steps=args.segmenter, seed=args.seed))
     report(metrics, args.out)
     return 0
 

@@ -203,3 +203,60 @@ def test_inspect_counts_nifti_label_volumes(tmp_path, cli):
     assert result.returncode == 0, result.stderr
     assert "seg maps: train 1, validate 1, test 1" in result.stdout
     assert "labels train: 32 seg maps aligned with the slices" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The segmenter and Dice (evaluation.py)
+
+
+def test_dice_scores_match_a_direct_count():
+    import evaluation
+
+    rng = np.random.default_rng(0)
+    pred, target = rng.integers(0, 4, (5, 16, 16)), rng.integers(0, 4, (5, 16, 16))
+    got = evaluation.dice_scores(pred, target)
+    for c, name in ((1, "CSF"), (2, "grey matter"), (3, "white matter")):
+        p, t = pred == c, target == c
+        assert got[f"dice/{name}"] == pytest.approx(2 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+    assert got["dice_mean"] == pytest.approx(np.mean([got[f"dice/{n}"] for n in ("CSF", "grey matter", "white matter")]))
+    assert evaluation.dice_scores(target, target)["dice_mean"] == 1.0
+    assert evaluation.dice_scores(np.zeros((2, 4, 4)), np.ones((2, 4, 4)))["dice/CSF"] == 0.0
+    assert evaluation.dice_scores(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))["dice_mean"] == 1.0  # nothing to find
+
+
+def test_segmenter_learns_tissue_from_real_pairs(tiny_data):
+    import torch
+
+    import evaluation
+
+    train = dataset.load_split(tiny_data, "train", size=32, labels=True)
+    test = dataset.load_split(tiny_data, "test", size=32, labels=True)
+    images, _ = train.tensors()
+    model = evaluation.train_segmenter(images, torch.from_numpy(train.labels), steps=150, seed=0)
+    scores = evaluation.dice_scores(evaluation.segment(model, test.tensors()[0]), test.labels)
+    untrained = evaluation.dice_scores(np.zeros_like(test.labels), test.labels)
+    assert scores["dice_mean"] > 0.5 and untrained["dice_mean"] == 0.0, scores
+    with pytest.raises(ValueError, match="need matching images and labels"):
+        evaluation.train_segmenter(images[:3], torch.from_numpy(train.labels[:2]), steps=1)
+
+
+def test_segmentation_reference_reports_both_real_sides(tiny_data, tmp_path):
+    import evaluation
+    from util import UserError
+
+    m = evaluation.segmentation_reference(tiny_data, 32, steps=20)
+    assert m["segmenter_train_pairs"] == 128 and m["segmenter_test_slices"] == 32 and m["segmenter_steps"] == 20
+    for side in ("real", "real_2_subjects"):
+        for key in ("dice/CSF", "dice/grey matter", "dice/white matter", "dice_mean"):
+            assert 0 <= m[f"segmenter_{side}/{key}"] <= 1
+    plain = tmp_path / "plain"
+    for split in ("train", "validate", "test"):
+        for i in range(2):
+            _png(plain / split / f"{i}.png", np.full((32, 32), 50, np.uint8))
+    with pytest.raises(UserError, match="has no tissue maps for the train and test splits"):
+        evaluation.segmentation_reference(plain, 32, steps=1)
+
+
+def test_segmenter_flag_is_checked(cli):
+    cli.assert_one_line_error(cli.run("evaluation.py", "--segmenter", "-1", timeout=120),
+                              "--segmenter -1: steps must be 0 (skip) or more")
