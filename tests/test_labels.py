@@ -218,7 +218,8 @@ def test_dice_scores_match_a_direct_count():
     for c, name in ((1, "CSF"), (2, "grey matter"), (3, "white matter")):
         p, t = pred == c, target == c
         assert got[f"dice/{name}"] == pytest.approx(2 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
-    assert got["dice_mean"] == pytest.approx(np.mean([got[f"dice/{n}"] for n in ("CSF", "grey matter", "white matter")]))
+    tissues = ("CSF", "grey matter", "white matter")
+    assert got["dice_mean"] == pytest.approx(np.mean([got[f"dice/{n}"] for n in tissues]))
     assert evaluation.dice_scores(target, target)["dice_mean"] == 1.0
     assert evaluation.dice_scores(np.zeros((2, 4, 4)), np.ones((2, 4, 4)))["dice/CSF"] == 0.0
     assert evaluation.dice_scores(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))["dice_mean"] == 1.0  # nothing to find
