@@ -385,16 +385,24 @@ def _fit_z_regressor(images, z, num_z, steps, batch_size, lr, seed):
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
         torch.manual_seed(seed)
         model = ZRegressor(num_z)
+    scale = max(num_z - 1, 1)
+
+    def loss():
+        idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
+        return F.smooth_l1_loss(model(_augment(x_all[idx], gen)) / scale, z[idx] / scale, beta=0.02)
+    return _fit(model, loss, steps, lr)
+
+
+def _fit(model, loss, steps, lr):
+    """The one training loop of this module's small networks: AdamW and a one-cycle LR over `steps` calls of
+    loss() (which draws its own batch); returns the model in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    scale = max(num_z - 1, 1)
     model.train()
     for _ in range(steps):
-        idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
-        pred = model(_augment(x_all[idx], gen))
-        loss = F.smooth_l1_loss(pred / scale, z[idx] / scale, beta=0.02)
+        value = loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
         sched.step()
     return model.eval()
@@ -666,10 +674,8 @@ def train_segmenter(images, labels, steps=400, batch_size=32, lr=3e-3, seed=0, w
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SegNet(width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(steps):
+
+    def loss():
         idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
         x, y = x_all[idx], y_all[idx]
         flip = torch.rand(len(idx), generator=gen) < 0.5
@@ -677,12 +683,8 @@ def train_segmenter(images, labels, steps=400, batch_size=32, lr=3e-3, seed=0, w
         y = torch.where(flip[:, None, None], y.flip(-1), y)
         dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
         x, y = torch.roll(x, (dy, dx), dims=(-2, -1)), torch.roll(y, (dy, dx), dims=(-2, -1))
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+        return F.cross_entropy(model(x), y)
+    return _fit(model, loss, steps, lr)
 
 
 @torch.no_grad()
