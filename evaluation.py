@@ -17,6 +17,9 @@ VQ-VAE the fraction of codes used and the code perplexity over the whole split.
 - z_mae: mean |requested z - z predicted by a small CNN trained on real train slices|;
   z_mae_real: that regressor's error on real validate slices. None (with z_mae_skipped) when the
   data carry no z-index.
+- fd_zreg, fd_zreg_real: Frechet distance between the samples (the matched real train slices) and the real
+  validate slices on the 64 hidden features of that z regressor: a feature-space distance like FID that needs
+  no downloaded weights. None where there is no z regressor.
 - nn_l2, nn_l2_real: mean distance (per-pixel RMSE) from each sample / each validate slice to its
   nearest training slice; nn_copy_fraction: fraction of samples closer to a training slice than
   the 1st percentile of validate slices is (memorised copies score ~0 distance).
@@ -339,6 +342,11 @@ class ZRegressor(nn.Module):
         x = F.adaptive_avg_pool2d(x.float(), 32)
         return self.net(x).squeeze(1) * max(self.num_z - 1, 1)
 
+    @torch.no_grad()
+    def features(self, x):
+        """The 64 hidden units before the head: what the regressor learnt to see of anatomy, [B, 64]."""
+        return self.net[:-1](F.adaptive_avg_pool2d(_as_float(x), 32))
+
 
 def _augment(x, gen):
     """Random left-right flips, shifts of up to 2 px and gains of +-10%: the regressor must read anatomy,
@@ -536,6 +544,16 @@ def inception_features(model, images, batch_size=32):
     return torch.cat(feats).numpy()
 
 
+def feature_frechet(reg, a, b, batch_size=256):
+    """Frechet distance between image sets a and b on the z regressor's hidden features (`ZRegressor.features`):
+    a feature-space distance that needs no downloaded weights, since the regressor is trained here."""
+    fa, fb = (torch.cat([reg.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+              for x in (a, b))
+    live = np.concatenate([fa, fb]).std(0) > 1e-9  # dead ReLU units carry nothing and make both covariances singular
+    fa, fb = fa[:, live], fb[:, live]
+    return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+
+
 def fid(model, a, b):
     """FID between two image sets under `model`."""
     fa, fb = inception_features(model, a), inception_features(model, b)
@@ -609,8 +627,10 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
         reg = z_regressor_for(root, size, cache_dir, verbose=verbose, train=train)
         metrics["z_mae"] = z_mae(reg, images, z)
         metrics["z_mae_real"] = z_mae(reg, val_f, val_z)
+        metrics["fd_zreg"] = feature_frechet(reg, images, val_f)
+        metrics["fd_zreg_real"] = feature_frechet(reg, train_f, val_f)
     else:
-        metrics["z_mae"] = metrics["z_mae_real"] = None
+        metrics["z_mae"] = metrics["z_mae_real"] = metrics["fd_zreg"] = metrics["fd_zreg_real"] = None
         metrics["z_mae_skipped"] = ("the dataset has no z-indices (unconditional)" if not train.conditional
                                     else "the samples were generated without z-indices")
     timings["z_regressor"] = time.time() - t

@@ -252,6 +252,7 @@ def test_evaluate_samples_real_copies_and_noise(disc_data, capsys, tmp_path):
     bad = ev.evaluate_samples(noise, z[:64], root, **kw)
     assert bad["swd"] > 5 * bad["swd_real"]
     assert bad["diversity_ms_ssim"] < bad["diversity_ms_ssim_real"]
+    assert bad["fd_zreg"] > 5 * bad["fd_zreg_real"] and perfect["fd_zreg"] < 2 * perfect["fd_zreg_real"] + 1e-3
 
     # Real slices labelled with the mirrored z-index: a model that ignores its condition.
     ignored = ev.evaluate_samples(util.to_float(images), NUM_Z - 1 - z, root, **kw)
@@ -271,8 +272,24 @@ def test_evaluate_samples_on_unconditional_data_skips_z(tmp_path):
             Image.fromarray(np.full((32, 32), 30 * i + 10, np.uint8)).save(folder / split / f"{split}{i}.png")
     out = ev.evaluate_samples(torch.zeros(4, 1, 32, 32), torch.full((4,), -1), folder, cache_dir=tmp_path,
                               pairs=8, swd_patches=16, swd_proj=16, verbose=False)
-    assert out["z_mae"] is None and "unconditional" in out["z_mae_skipped"]
+    assert out["z_mae"] is None and "unconditional" in out["z_mae_skipped"] and out["fd_zreg"] is None
     assert out["diversity_pairs"] == "random"
+
+
+def test_feature_frechet_is_zero_for_one_set_and_matches_gaussian_formula():
+    reg = ev.ZRegressor(32)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(200, 1, 32, 32, generator=g) * 2 - 1
+    b = (a * 0.8 + 0.1 + 0.1 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    assert abs(ev.feature_frechet(reg, a, a)) < 1e-6
+    fa, fb = reg.features(a).double().numpy(), reg.features(b).double().numpy()
+    assert fa.shape == (200, 64)
+    live = np.concatenate([fa, fb]).std(0) > 1e-9  # units dead on both sets are left out
+    fa, fb = fa[:, live], fb[:, live]
+    from scipy import linalg  # the textbook formula, independently of frechet_distance
+    c1, c2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    expected = ((fa.mean(0) - fb.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert ev.feature_frechet(reg, a, b) == pytest.approx(expected, rel=1e-4) and expected > 0
 
 
 def test_cli_reports_bad_arguments_in_one_line(cli):
