@@ -17,8 +17,8 @@ VQ-VAE the fraction of codes used and the code perplexity over the whole split.
 - z_mae: mean |requested z - z predicted by a small CNN trained on real train slices|;
   z_mae_real: that regressor's error on real validate slices. None (with z_mae_skipped) when the
   data carry no z-index.
-- fd_zreg, fd_zreg_real: Frechet distance between the samples (the matched real train slices) and the real
-  validate slices on the 64 hidden features of that z regressor: a feature-space distance like FID that needs
+- fd_zreg, fd_zreg_real: Frechet distance (x1e3) between the samples (the matched real train slices) and the
+  real validate slices on the 64 hidden features of that z regressor: a feature-space distance like FID that needs
   no downloaded weights. None where there is no z regressor.
 - nn_l2, nn_l2_real: mean distance (per-pixel RMSE) from each sample / each validate slice to its
   nearest training slice; nn_copy_fraction: fraction of samples closer to a training slice than
@@ -627,8 +627,8 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
         reg = z_regressor_for(root, size, cache_dir, verbose=verbose, train=train)
         metrics["z_mae"] = z_mae(reg, images, z)
         metrics["z_mae_real"] = z_mae(reg, val_f, val_z)
-        metrics["fd_zreg"] = feature_frechet(reg, images, val_f)
-        metrics["fd_zreg_real"] = feature_frechet(reg, train_f, val_f)
+        metrics["fd_zreg"] = 1e3 * feature_frechet(reg, images, val_f)  # x1e3, as SWD: the features are small
+        metrics["fd_zreg_real"] = 1e3 * feature_frechet(reg, train_f, val_f)
     else:
         metrics["z_mae"] = metrics["z_mae_real"] = metrics["fd_zreg"] = metrics["fd_zreg_real"] = None
         metrics["z_mae_skipped"] = ("the dataset has no z-indices (unconditional)" if not train.conditional
