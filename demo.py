@@ -1,8 +1,9 @@
 """The whole pipeline on the embedded MNI dataset, on a laptop CPU: what `make demo` runs.
 
 Commands:
-    python demo.py                 # build data, stage one (VQ-VAE), latent diffusion, PixelCNN, samples, whole
-                                   # subjects as NIfTI, metrics, plots
+    python demo.py                 # build data, stage one (VQ-VAE), latent diffusion, PixelCNN, samples with
+                                   # tissue maps, whole subjects as NIfTI, metrics (with train-on-synthetic /
+                                   # test-on-real segmentation), plots
     python demo.py --model vae     # stage one as a VAE (the PixelCNN step is skipped: it needs codes)
     python demo.py --out runs/demo2 --seed 1
 
@@ -70,8 +71,10 @@ def main(argv=None):
                             "ddim", "--steps", 50, "--out", out / "subjects", *seed], out / "subjects" / "subjects.png",
          timings)
     # 16 subjects: the slices of 4 whole brains cover the data too thinly for a stable SWD (docs/RESULTS.md)
+    # --tstr: a segmenter trained on the samples and their tissue maps, scored on real test slices (README)
+    tstr = ["--tstr", 400]
     step("diffusion metrics", ["stable_diffusion.py", "evaluate", "--ckpt", ldm / "best.pt", "--sampler", "ddim",
-                               "--steps", 50, "--n", 16, "--out", out / "metrics_ldm.json", *seed],
+                               "--steps", 50, "--n", 16, *tstr, "--out", out / "metrics_ldm.json", *seed],
          out / "metrics_ldm.json", timings)
     runs = [stage1, ldm]
     if args.model == "vqvae":
@@ -82,7 +85,7 @@ def main(argv=None):
         step("PixelCNN samples", ["pixelCNN.py", "sample", "--ckpt", prior / "best.pt", "--n", 2, "--z", "0..31",
                                   *guide, "--out", out / "samples_pixelcnn.png", *seed], out / "samples_pixelcnn.png",
              timings)
-        step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 16, *guide,
+        step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 16, *guide, *tstr,
                                   "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json", timings)
         runs.append(prior)
     step("training curves", ["logger.py", *runs, "--out", out / "curves.png", "--smooth", 3], None, timings)
@@ -90,7 +93,8 @@ def main(argv=None):
 
     print(f"\nDemo finished in {sum(timings.values()):.0f}s of steps run now ({timings_path}).")
     print("Figures:")
-    for name in ("samples_ldm.png", "denoising.gif", "samples_pixelcnn.png", "curves.png"):
+    for name in ("samples_ldm.png", "samples_ldm_overlay.png", "denoising.gif", "samples_pixelcnn.png",
+                 "samples_pixelcnn_overlay.png", "curves.png"):
         if (out / name).exists():
             print(f"  {out / name}")
     print(f"  {stage1 / 'samples'}/recon_*.png (validate inputs over reconstructions)")

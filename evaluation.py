@@ -441,10 +441,15 @@ def _fingerprint(images, z):
     return h.hexdigest()[:16]
 
 
+def _cache_path(prefix, version, data_path, size, cache_dir=None, extra=""):
+    """runs/_cache/<prefix>_<hash of resolved data path, size, version and extra>.<pt> (or under `cache_dir`)."""
+    key = hashlib.sha256(f"{Path(data_path).resolve()}|{int(size)}|v{version}{extra}".encode()).hexdigest()[:16]
+    return Path(cache_dir or CACHE_DIR) / f"{prefix}_{key}.pt"
+
+
 def z_regressor_path(data_path, size, cache_dir=None):
     """runs/_cache/zreg_<hash of resolved data path and size>.pt (or under `cache_dir`)."""
-    key = hashlib.sha256(f"{Path(data_path).resolve()}|{int(size)}|v{ZREG_VERSION}".encode()).hexdigest()[:16]
-    return Path(cache_dir or CACHE_DIR) / f"zreg_{key}.pt"
+    return _cache_path("zreg", ZREG_VERSION, data_path, size, cache_dir)
 
 
 def z_regressor_for(data_path, size, cache_dir=None, steps=800, verbose=True, train=None):
@@ -458,15 +463,21 @@ def z_regressor_for(data_path, size, cache_dir=None, steps=800, verbose=True, tr
     images, z = train.tensors()
     fingerprint = _fingerprint(images, z)
     path = z_regressor_path(data_path, size, cache_dir)
-    cached = _load_regressor(path, fingerprint)
+    cached = _load_cached(path, ZREG_VERSION, fingerprint, lambda st: ZRegressor(st["num_z"], st["width"]))
     if cached is not None:
         return cached
     start = time.time()
     model = train_z_regressor(images, z, train.num_z, steps=steps)
-    seconds = time.time() - start
-    state = {"kind": "zreg", "version": ZREG_VERSION, "num_z": train.num_z, "width": model.width, "size": int(size),
-             "data": str(Path(data_path).resolve()), "fingerprint": fingerprint, "steps": steps,
-             "train_seconds": seconds, "model": model.state_dict()}
+    state = {"kind": "zreg", "num_z": train.num_z, "width": model.width}
+    _save_cached(model, state, path, ZREG_VERSION, fingerprint, data_path, size, steps, time.time() - start,
+                 f"z regressor: trained on {len(images)} train slices", verbose)
+    return model
+
+
+def _save_cached(model, state, path, version, fingerprint, data_path, size, steps, seconds, what, verbose):
+    """Write a network of this module to its cache file, with what identifies the data it was trained on."""
+    state = {**state, "version": version, "size": int(size), "data": str(Path(data_path).resolve()),
+             "fingerprint": fingerprint, "steps": steps, "train_seconds": seconds, "model": model.state_dict()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         util.save_checkpoint(state, path)
@@ -474,19 +485,19 @@ def z_regressor_for(data_path, size, cache_dir=None, steps=800, verbose=True, tr
     except OSError as err:  # a read-only checkout still gets its metric, just no cache
         where = f"not cached ({path.parent}: {err.strerror or err})"
     if verbose:
-        print(f"z regressor: trained on {len(images)} train slices in {seconds:.1f} s, {where}", flush=True)
-    return model
+        print(f"{what} in {seconds:.1f} s, {where}", flush=True)
 
 
-def _load_regressor(path, fingerprint):
-    """A cached regressor for exactly this data, or None (missing, stale, corrupt: retrained)."""
+def _load_cached(path, version, fingerprint, build):
+    """A cached network (`build(state)` rebuilds it) for exactly this data, or None (missing, stale, corrupt:
+    retrained)."""
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if (state.get("version"), state.get("fingerprint")) != (ZREG_VERSION, fingerprint):
+        if (state.get("version"), state.get("fingerprint")) != (version, fingerprint):
             return None
-        model = ZRegressor(state["num_z"], state["width"])
+        model = build(state)
         model.load_state_dict(state["model"])
     except Exception:  # noqa: BLE001 - a broken cache file is rebuilt, never trusted
         return None
@@ -660,17 +671,18 @@ def evaluate_samples(images, z, data_path, n_real=None, seed=0, cache_dir=None, 
 
 
 class SegNet(nn.Module):
-    """A small U-Net (two poolings) from a slice [B, 1, H, W] to tissue logits [B, 4, H, W] (dataset.LABELS)."""
+    """A small U-Net (two poolings) from a slice [B, in_channels, H, W] to tissue logits [B, 4, H, W]
+    (dataset.LABELS); in_channels > 1 where it also sees a stage-one latent (prestage_train's label head)."""
 
-    def __init__(self, width=16, classes=len(dataset.LABELS)):
+    def __init__(self, width=16, classes=len(dataset.LABELS), in_channels=1):
         super().__init__()
-        self.width = int(width)
+        self.width, self.in_channels = int(width), int(in_channels)
 
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1),
                                  nn.ReLU())
         w = self.width
-        self.enc1, self.enc2, self.mid = block(1, w), block(w, 2 * w), block(2 * w, 4 * w)
+        self.enc1, self.enc2, self.mid = block(self.in_channels, w), block(w, 2 * w), block(2 * w, 4 * w)
         self.up2, self.dec2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), block(4 * w, 2 * w)
         self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), block(2 * w, w)
         self.out = nn.Conv2d(w, classes, 1)
@@ -685,7 +697,7 @@ class SegNet(nn.Module):
 
 
 def train_segmenter(images, labels, steps=400, batch_size=32, lr=3e-3, seed=0, width=16):
-    """Fit a SegNet on image/label pairs (images uint8 or float [N, 1, H, W], labels long/uint8 [N, H, W] in
+    """Fit a SegNet on image/label pairs (images uint8 or float [N, C, H, W], labels long/uint8 [N, H, W] in
     0..3) with cross-entropy, AdamW and a one-cycle LR; left-right flips and small shifts, applied to both."""
     x_all, y_all = _as_float(images), torch.as_tensor(labels).long()
     if len(x_all) != len(y_all) or len(x_all) < 1:
@@ -693,7 +705,7 @@ def train_segmenter(images, labels, steps=400, batch_size=32, lr=3e-3, seed=0, w
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SegNet(width)
+        model = SegNet(width, in_channels=x_all.shape[1])
 
     def loss():
         idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
@@ -726,24 +738,106 @@ def dice_scores(pred, target):
     return out
 
 
-def segmentation_reference(data_path, size, n=None, steps=400, seed=0):
-    """Real-pair references of train-on-synthetic / test-on-real: the segmenter trained on n random real train
-    pairs (default all), and on the first 2 real train subjects, each scored by Dice on the real test split."""
+SEG_VERSION = 1
+SEG_STEPS = 400  # segmenter steps: the labeller of samples, and each train-on-synthetic row by default
+
+
+def labelled_splits(data_path, size):
+    """The labelled train and test SliceSets of a dataset; UserError where either has no tissue maps."""
     root = dataset.ensure_dataset(data_path, size)
     train = dataset.load_split(root, "train", size=size, labels=True)
     test = dataset.load_split(root, "test", size=size, labels=True)
     if train.labels is None or test.labels is None:
-        raise UserError(f"{root}: has no tissue maps for the train and test splits (seg maps or label volumes)")
+        raise UserError(f"{root}: has no tissue maps for the train and test splits (OASIS keras_png_slices_seg_*, "
+                        f"a NAME{dataset.LABEL_SUFFIX}.nii.gz beside each volume, or the embedded set)")
+    return train, test
+
+
+def _label_fingerprint(split):
+    """`_fingerprint` of a labelled split, its tissue maps included."""
+    images, z = split.tensors()
+    return _fingerprint(torch.cat([images.flatten(1), torch.from_numpy(split.labels).flatten(1)], 1), z)
+
+
+def segmenter_for(data_path, size, steps=None, seed=0, cache_dir=None, verbose=True, train=None):
+    """The labeller of a dataset at a size: the segmenter trained on all its real train pairs (cached like the z
+    regressor). It gives every generated slice its tissue map: on slices decoded by stage one it beat
+    segmenters trained on decoded slices or on the latent (docs/RESULTS.md, "Tissue maps for samples")."""
+    steps = steps or SEG_STEPS
+    if train is None:
+        train, _ = labelled_splits(data_path, size)
+    fingerprint = _label_fingerprint(train)
+    path = _cache_path("seg", SEG_VERSION, data_path, size, cache_dir, f"|{steps}|{seed}")
+    cached = _load_cached(path, SEG_VERSION, fingerprint, lambda st: SegNet(st["width"]))
+    if cached is not None:
+        return cached
+    start = time.time()
+    images, _ = train.tensors()
+    model = train_segmenter(images, torch.from_numpy(train.labels), steps=steps, seed=seed)
+    _save_cached(model, {"kind": "seg", "width": model.width}, path, SEG_VERSION, fingerprint, data_path, size,
+                 steps, time.time() - start, f"tissue segmenter: trained on {len(images)} real train pairs", verbose)
+    return model
+
+
+def _test_dice(x, y, test, steps, seed):
+    """Per-tissue Dice on the real test split of the segmenter trained on pairs (x, y)."""
+    # unlike the z regressor, every thread pays here: 298 -> 152 ms a step from 1 to 2 threads at 64x64
+    model = train_segmenter(x, y, steps=steps, seed=seed)
+    test_images, _ = test.tensors()
+    return dice_scores(segment(model, test_images), torch.from_numpy(test.labels))
+
+
+def _two_subjects(train):
+    """Rows of the first two real train subjects: the small real set synthetic pairs are added to."""
+    return np.flatnonzero(np.isin(train.subjects, sorted(set(train.subjects))[:2]))
+
+
+def segmentation_reference(data_path, size, n=None, steps=SEG_STEPS, seed=0, cache_dir=None, splits=None):
+    """Real-pair references of train-on-synthetic / test-on-real: the segmenter trained on n random real train
+    pairs (default all), and on the first 2 real train subjects, each scored by Dice on the real test split.
+    Cached per data, n, steps and seed (the rows are the same for every prior)."""
+    train, test = splits or labelled_splits(data_path, size)
     images, _ = train.tensors()
     pick = _pick(len(images), n, np.random.default_rng(seed))
-    two = np.flatnonzero(np.isin(train.subjects, sorted(set(train.subjects))[:2]))
-    test_images, _ = test.tensors()
-    metrics = {"segmenter_steps": steps, "segmenter_train_pairs": len(pick), "segmenter_test_slices": len(test_images)}
+    path = _cache_path("segref", SEG_VERSION, data_path, size, cache_dir, f"|{len(pick)}|{steps}|{seed}")
+    fingerprint = _label_fingerprint(train) + _label_fingerprint(test)
+    if path.with_suffix(".json").is_file():
+        cached = json.loads(path.with_suffix(".json").read_text())
+        if cached.get("fingerprint") == fingerprint:
+            return cached["metrics"]
+    two = _two_subjects(train)
+    metrics = {"segmenter_steps": steps, "segmenter_train_pairs": len(pick), "segmenter_two_subject_pairs": len(two),
+               "segmenter_test_slices": len(test.images)}
     for key, rows in (("real", pick), ("real_2_subjects", two)):
-        # unlike the z regressor, every thread pays here: 298 -> 152 ms a step from 1 to 2 threads at 64x64
-        model = train_segmenter(images[rows], torch.from_numpy(train.labels[rows]), steps=steps, seed=seed)
-        scores = dice_scores(segment(model, test_images), torch.from_numpy(test.labels))
+        scores = _test_dice(images[rows], torch.from_numpy(train.labels[rows]), test, steps, seed)
         metrics.update({f"segmenter_{key}/{k}": v for k, v in scores.items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        util.save_json({"fingerprint": fingerprint, "metrics": metrics}, path.with_suffix(".json"))
+    except OSError:
+        pass  # a read-only checkout recomputes it next time
+    return metrics
+
+
+def train_on_synthetic(images, labels, data_path, steps=SEG_STEPS, seed=0, cache_dir=None):
+    """Train-on-synthetic / test-on-real of generated pairs (images [N, 1, H, W] in [-1, 1], tissue classes
+    [N, H, W]): Dice on the real test split of the segmenter trained on them alone, and on the first 2 real
+    train subjects plus them, beside `segmentation_reference` for N real pairs and the 2 subjects alone (the same
+    network, steps and seed on every row)."""
+    size = images.shape[-1]
+    train, test = labelled_splits(data_path, size)
+    metrics = segmentation_reference(data_path, size, len(images), steps, seed, cache_dir, (train, test))
+    scores = _test_dice(images, labels, test, steps, seed)
+    metrics.update({f"segmenter_synthetic/{k}": v for k, v in scores.items()})
+    two = _two_subjects(train)
+    real_x, _ = train.tensors()
+    mixed_x = torch.cat([util.to_float(real_x[two]), images.float().cpu()])
+    mixed_y = torch.cat([torch.from_numpy(train.labels[two]).long(), torch.as_tensor(labels).long()])
+    scores = _test_dice(mixed_x, mixed_y, test, steps, seed)
+    metrics.update({f"segmenter_2_subjects_plus_synthetic/{k}": v for k, v in scores.items()})
+    metrics["segmenter_synthetic_pairs"] = len(images)
+    real = metrics["segmenter_real/dice_mean"]
+    metrics["tstr_ratio"] = metrics["segmenter_synthetic/dice_mean"] / real if real > 0 else None
     return metrics
 
 

@@ -18,6 +18,7 @@ A third prior (say a transformer over codes) takes: its model file; a Task subcl
 Caching, loading with the hash check, decoding, the three sub-commands, guidance and z checks, evaluation,
 resume, DDP and checkpoints come from here and from trainer.py unchanged.
 """
+import argparse
 import math
 import time
 from pathlib import Path
@@ -467,10 +468,28 @@ def sample_cmd(prior, args):
     text, _ = prior.describe(options)
     print(f"{len(images)} samples ({text}, guidance {args.guidance}) in {seconds:.2f}s: "
           f"{seconds / len(images) * 1000:.1f} ms per image -> {out}")
+    labels = tissue_maps(images, config, args)
+    if labels is not None:
+        seg, over = util.save_labelled_grids(images, labels, dataset.SEG_CLASS_LEVELS, out, nrow=len(zs))
+        print(f"tissue maps (OASIS seg levels 0/85/170/255) -> {seg}; over the samples -> {over}")
     if frames:
         util.save_gif(frames, args.gif)
         print(f"denoising GIF ({len(frames)} frames of decoded x0 predictions) -> {args.gif}")
     return 0
+
+
+def tissue_maps(images, config, args):
+    """Tissue classes uint8 [N, H, W] of generated slices by the labeller of the prior's data (the segmenter
+    trained on its real train pairs, evaluation.segmenter_for); None with a note where the data has no tissue
+    maps, or with --no-tissue-maps."""
+    if not args.tissue_maps:
+        return None
+    try:
+        labeller = evaluation.segmenter_for(config["data"], images.shape[-1])
+    except UserError as err:
+        print(f"note: no tissue maps written: {err}")
+        return None
+    return evaluation.segment(labeller, images).to(torch.uint8).numpy()
 
 
 def check_subjects_dir(path):
@@ -516,6 +535,13 @@ def subjects_cmd(prior, args):
     for i, stack in enumerate(stacks):
         dataset.write_volume(stack, out / f"subject_{i:03d}.nii.gz", spacing)
     util.save_subject_sheet(stacks, spacing, out / "subjects.png")
+    labels = tissue_maps(images, config, args)
+    if labels is not None:  # NAME_seg.nii.gz beside NAME.nii.gz: dataset.py reads the folder back with its labels
+        maps = labels.reshape(stacks.shape)
+        for i, stack in enumerate(maps):
+            dataset.write_volume(stack, out / f"subject_{i:03d}{dataset.LABEL_SUFFIX}.nii.gz", spacing)
+        util.save_subject_sheet(dataset.SEG_CLASS_LEVELS[maps], spacing, out / "subjects_seg.png")
+        print(f"tissue maps -> {out}/subject_000{dataset.LABEL_SUFFIX}.nii.gz ... and {out / 'subjects_seg.png'}")
     text, _ = prior.describe(options)
     how = "slices drawn alone" if order is None else f"drawn {order}, each slice conditioned on its neighbour"
     print(f"{args.subjects} subjects x {config['num_z']} slices ({how}; {text}, guidance {args.guidance}) in "
@@ -527,6 +553,8 @@ def subjects_cmd(prior, args):
 def evaluate_cmd(prior, args):
     """`evaluate`: n subjects (n samples per z-index) scored slice by slice against real validate slices, and as
     stacks against real validate subjects (see evaluation.py)."""
+    if args.tstr < 0:
+        raise UserError(f"--tstr {args.tstr}: steps must be 0 (skip) or more")
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     if not config["conditional"]:
@@ -546,6 +574,13 @@ def evaluate_cmd(prior, args):
         metrics.update(evaluation.consistency_metrics(images.reshape(args.n, config["num_z"], *images.shape[-2:]),
                                                       config["data"]))
     metrics.update(prior.describe(options)[1], guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
+    if args.tstr:
+        labels = tissue_maps(images, config, args)
+        if labels is None:
+            raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, and {config['data']} has none "
+                            f"(or --no-tissue-maps was given)")
+        metrics.update(evaluation.train_on_synthetic(images, torch.from_numpy(labels), config["data"],
+                                                     steps=args.tstr, seed=args.seed))
     evaluation.report(metrics, args.out)
     return 0
 
@@ -581,7 +616,15 @@ def parse_args(prior, argv):
         s.add_argument("--order", choices=STACK_ORDERS, default=None,
                        help="how a neighbour-conditioned prior draws a subject: from z = 0 up, or from the middle "
                             "slice outwards (default: middle-out where the model can, else bottom-up)")
+        s.add_argument("--tissue-maps", action=argparse.BooleanOptionalAction, default=True,
+                       help="label every sample with its tissue classes by the segmenter of the prior's data "
+                            "(trained once on its real train pairs and cached; needs seg maps)")
         prior.add_sample_args(s)
+        if command == "evaluate":
+            s.add_argument("--tstr", type=int, default=0, metavar="STEPS",
+                           help="train-on-synthetic / test-on-real: train the segmenter for STEPS steps on the "
+                                "samples and their tissue maps, on as many real pairs, on 2 real subjects with and "
+                                "without the samples; Dice of each on the real test split (0: skip)")
         if command == "sample":
             s.add_argument("--z", default=None, help="z-indices: a range 0..31, or a list 0,8,16 (default: all)")
             s.add_argument("--subjects", type=int, default=None,

@@ -195,16 +195,47 @@ def to_uint8(images):
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def image_grid(images, nrow=8, pad=2):
-    """Tile [N, 1, H, W] images in [-1, 1] into one uint8 array, `nrow` images per row."""
-    arr = to_uint8(images)
-    n, h, w = arr.shape
+def tile(arr, nrow=8, pad=2):
+    """Tile arrays [N, H, W] (or [N, H, W, 3]) into one grid of the same dtype, `nrow` per row, `pad` apart."""
+    arr = np.asarray(arr)
+    n, h, w = arr.shape[:3]
     rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, *arr.shape[3:]), dtype=arr.dtype)
     for i in range(n):
         r, c = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
     return grid
+
+
+def image_grid(images, nrow=8, pad=2):
+    """Tile [N, 1, H, W] images in [-1, 1] into one uint8 array, `nrow` images per row."""
+    return tile(to_uint8(images), nrow, pad)
+
+
+# Overlay colours of the tissue classes 0..3 (dataset.LABELS: background, CSF, grey matter, white matter)
+TISSUE_COLOURS = np.array([[0, 0, 0], [40, 110, 255], [60, 200, 70], [255, 175, 40]], dtype=np.float32)
+
+
+def overlay(images, labels, alpha=0.45):
+    """RGB uint8 [N, H, W, 3]: images [N, 1, H, W] in [-1, 1] in grey, each tissue class of labels [N, H, W]
+    (0..3) tinted by its TISSUE_COLOURS at `alpha`; background left untinted."""
+    gray = to_uint8(images).astype(np.float32)[..., None].repeat(3, -1)
+    labels = np.asarray(labels)
+    tint = np.where((labels > 0)[..., None], alpha, 0.0)
+    return (gray * (1 - tint) + TISSUE_COLOURS[labels] * tint).round().astype(np.uint8)
+
+
+def save_labelled_grids(images, labels, levels, path, nrow=8):
+    """Beside a sample grid at `path` (its images [N, 1, H, W], tissue classes [N, H, W]): <stem>_seg.png, the
+    label maps as grey levels `levels[class]` (the OASIS seg PNG convention), and <stem>_overlay.png, the
+    labels tinted over the images. Returns both paths."""
+    from PIL import Image
+
+    path = Path(path)
+    seg, over = path.with_name(f"{path.stem}_seg.png"), path.with_name(f"{path.stem}_overlay.png")
+    Image.fromarray(tile(np.asarray(levels, dtype=np.uint8)[np.asarray(labels)], nrow)).save(seg)
+    Image.fromarray(tile(overlay(images, labels), nrow)).save(over)
+    return seg, over
 
 
 def save_image_grid(images, path, nrow=8):

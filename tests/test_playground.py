@@ -84,3 +84,13 @@ def test_logger_plots_a_real_training_log(tmp_path, vq_run, cli):
     proc = run(cli, ["logger.py", vq_run, "--out", tmp_path / "curves.png"])
     assert proc.returncode == 0, proc.stderr
     check_png(tmp_path / "curves.png")
+
+
+def test_label_designs_prints_a_row_per_design(vqvae_run, cli):
+    proc = run(cli, ["playground/label_designs.py", "--ae", vqvae_run / "best.pt", "--steps", "2"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "Dice" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["real -> real", "real -> recon", "recon -> recon", "latent",
+                                                     "recon + latent"]
+    for r in rows:  # Dice per tissue and mean, each a number in [0, 1]
+        assert all(0 <= float(v) <= 1 for v in r.strip("| ").split(" | ")[1:5]), r
