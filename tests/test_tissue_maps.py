@@ -218,3 +218,23 @@ def test_tissue_maps_of_decoded_slices_match_segment(tiny_data, tmp_path, monkey
         tissue_maps = True
     maps = stage_two.tissue_maps(images, {"data": str(tiny_data)}, Args)
     assert maps.dtype == np.uint8 and np.array_equal(maps, net(images).argmax(1).numpy())
+
+
+def test_two_subjects_plus_synthetic_trains_on_half_real_batches(tiny_data, tmp_path, monkeypatch):
+    train = dataset.load_split(tiny_data, "train", size=32, labels=True)
+    seen = []
+
+    def spy(x, y, test, steps, seed):
+        seen.append((x.clone(), y.clone()))
+        return evaluation.dice_scores(y[:1], y[:1])
+    monkeypatch.setattr(evaluation, "_test_dice", spy)
+    fake = torch.full((5 * 2 * train.num_z, 1, 32, 32), 0.25)  # 5x as many synthetic as 2 subjects' slices
+    evaluation.train_on_synthetic(fake, torch.zeros(len(fake), 32, 32, dtype=torch.long), tiny_data, steps=2,
+                                  cache_dir=tmp_path)
+    x, y = seen[-1]  # rows: real, 2 subjects, synthetic, 2 subjects + synthetic
+    real = x[:-len(fake)]
+    assert len(real) == len(fake) and torch.equal(x[-len(fake):], fake)
+    two = evaluation._two_subjects(train)
+    images, _ = train.tensors()
+    assert torch.equal(real, util.to_float(images[two]).repeat(5, 1, 1, 1))  # each real pair 5 times
+    assert torch.equal(y[:len(real)], torch.from_numpy(train.labels[two]).long().repeat(5, 1, 1))
