@@ -395,27 +395,52 @@ def _require_split(items, split, folder):
         raise DataError(folder, f"the {split} split has no images")
 
 
-def _read_seg(path, image_path, size):
-    """One OASIS seg PNG as tissue classes uint8 [size, size] (0..3, see LABELS), checked against its image: the
-    same size on disk, and only the four OASIS levels; else a DataError naming the seg file."""
+def _seg_pixels(path):
+    """The grey levels of a seg PNG as uint8 [H, W]; a DataError naming the file where it cannot be read."""
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im if im.mode == "L" else im.convert("L"))
-        with Image.open(image_path) as im:
-            width, height = im.size
+            return np.asarray(im if im.mode == "L" else im.convert("L"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(path, f"unreadable or corrupt seg map ({err})") from None
-    if arr.shape != (height, width):
-        raise DataError(path, f"seg map is {arr.shape[0]}x{arr.shape[1]} but its image {image_path.name} is "
-                              f"{height}x{width}")
+
+
+def _levels_to_classes(arr, path):
+    """OASIS seg levels 0/85/170/255 -> classes 0..3; any other level is a DataError naming the file."""
     stray = np.setdiff1d(np.unique(arr), SEG_CLASS_LEVELS)
     if stray.size:
         raise DataError(path, f"holds levels {', '.join(map(str, stray[:5]))}{' ...' if stray.size > 5 else ''}; "
                               f"an OASIS seg map has only 0, 85, 170, 255 ({', '.join(LABELS)})")
     classes = np.zeros(256, dtype=np.uint8)
     classes[SEG_CLASS_LEVELS] = np.arange(len(LABELS), dtype=np.uint8)
-    return fit_square(classes[arr], size, nearest=True)
+    return classes[arr]
+
+
+def _read_seg(path, image_path, size):
+    """One OASIS seg PNG as tissue classes uint8 [size, size] (0..3, see LABELS), checked against its image: the
+    same size on disk, and only the four OASIS levels; else a DataError naming the seg file."""
+    arr = _seg_pixels(path)
+    try:
+        with Image.open(image_path) as im:
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(image_path, f"unreadable or corrupt image ({err})") from None
+    if arr.shape != (height, width):
+        raise DataError(path, f"seg map is {arr.shape[0]}x{arr.shape[1]} but its image {image_path.name} is "
+                              f"{height}x{width}")
+    return fit_square(_levels_to_classes(arr, path), size, nearest=True)
+
+
+def read_label_map(path, size=None):
+    """A tissue map given by hand (e.g. `sample --labels`): a PNG of the OASIS seg levels 0/85/170/255 (as
+    `sample` writes them) or of the classes 0..3, as uint8 classes [size, size] (padded square, resized by
+    nearest neighbour; size None: its longer side); a DataError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such tissue map (a PNG of the seg levels 0/85/170/255 or the classes 0..3)")
+    arr = _seg_pixels(path)
+    classes = arr if np.isin(arr, np.arange(len(LABELS))).all() else _levels_to_classes(arr, path)
+    return fit_square(classes, size or max(classes.shape), nearest=True)
 
 
 def _load_oasis_labels(root, split, items, size):

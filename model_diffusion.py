@@ -359,6 +359,25 @@ def guided(model, guidance=1.0, objective="eps", schedule=None, context=None):
     return eps_fn
 
 
+class ContextGuided(nn.Module):
+    """A UNet with classifier-free guidance on the last `channels` context channels (a tissue map): the output
+    u + scale (c - u), c with the context as given, u with those channels zeroed (the map hidden, as in training).
+    It composes with guidance on z: `guided` may hand it a doubled batch."""
+
+    def __init__(self, model, scale, channels):
+        super().__init__()
+        self.model, self.scale, self.channels = model, float(scale), int(channels)
+        self.conditional = getattr(model, "conditional", True)
+
+    def forward(self, x_t, t, z=None, context=None):
+        hidden = context.clone()
+        hidden[:, -self.channels:] = 0
+        both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), None if z is None else torch.cat([z, z]),
+                          context=torch.cat([context, hidden]))
+        cond, uncond = both.float().chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
 def _guided_output(model, conditional, guidance, x_t, t, z, context=None):
     """The model's raw output (eps or v) with classifier-free guidance u + g (c - u) applied."""
     extra = {} if context is None else {"context": context}

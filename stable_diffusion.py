@@ -8,7 +8,9 @@ Commands:
     python stable_diffusion.py sample --ckpt runs/ldm-demo/best.pt --n 2 --z 0..31 --sampler ddim \
         --steps 50 --guidance 2 --seed 0 --out samples.png --gif process.gif
     python stable_diffusion.py sample --ckpt runs/ldm-demo/best.pt --subjects 2 --out subjects   # NIfTI volumes
-    python stable_diffusion.py evaluate --ckpt runs/ldm-demo/best.pt --sampler ddim --steps 50
+    python stable_diffusion.py evaluate --ckpt runs/ldm-demo/best.pt --sampler ddim --steps 50 --tstr 400
+    python stable_diffusion.py train --ae runs/stage1-demo/best.pt --tissue --out runs/ldm-tissue   # from maps
+    python stable_diffusion.py sample --ckpt runs/ldm-tissue/best.pt --labels seg.png --z 16 --n 4
     torchrun --nproc_per_node=4 stable_diffusion.py train --ae runs/vq-full/best.pt --preset full
 
 Objective: v-prediction (Salimans & Ho 2022) by default. With eps-prediction the x0 estimate
@@ -22,6 +24,10 @@ subject's slice z-1 or z+1 (which one is a side channel; hidden with probability
 before it, and writes it as a NIfTI volume. Independent slices (`--independent`, and every `sample` grid) give
 the net no neighbour. docs/RESULTS.md compares the designs and orders.
 
+Tissue maps (`--tissue`): the UNet also sees each slice's segmentation, its one-hot classes folded onto the
+latent grid (hidden with probability p_tissue_drop), so `sample --labels MAP` draws slices whose anatomy
+follows a given map, and `evaluate` reports how closely for every real test map (`follow/*`).
+
 Which latent is diffused: for a VAE, the posterior mean; for a VQ-VAE, the *quantised* code vectors
 (what its decoder was trained on), and samples are snapped back to the nearest code before decoding.
 Latents are multiplied by a scale factor (1 / std of the training latents, stored in the checkpoint)
@@ -29,12 +35,15 @@ so the diffusion sees unit variance, and divided by it again before decoding.
 """
 import torch
 
+import dataset
 import stage_two
 import trainer as tr
 import util
-from model_diffusion import (NEIGHBOURS, LatentUNet, NoiseSchedule, diffusion_loss, neighbour_context,
+from model_diffusion import (NEIGHBOURS, ContextGuided, LatentUNet, NoiseSchedule, diffusion_loss, neighbour_context,
                              pick_neighbours, sample)
 from util import UserError
+
+TISSUE_GUIDANCE = 2.0  # sample/evaluate default for a --tissue model given a map (docs/RESULTS.md)
 
 H = tr.Hyper
 HYPERS = [
@@ -49,6 +58,11 @@ HYPERS = [
       before="none"),
     H("p_neighbour_drop", 0.2, "probability of hiding the neighbour in training (the net then also draws a slice "
       "alone: a stack's first slice, or independent slices)", "loss", high=1),
+    H("tissue", False, "condition on a tissue map (its one-hot classes folded onto the latent grid, 4 f^2 more "
+      "UNet input channels for f pixels per latent cell), so that `sample --labels MAP` draws anatomy that follows a "
+      "given segmentation; needs the data's seg maps", "model", before=False),
+    H("p_tissue_drop", 0.2, "probability of hiding the tissue map in training (the net then also draws without "
+      "one)", "loss", high=1),
     H("schedule", "linear", "noise schedule", "loss", choices=("linear", "cosine")),
     H("timesteps", 1000, "diffusion steps T", "loss", low=2),
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
@@ -87,17 +101,23 @@ class DiffusionTask(stage_two.PriorTask):
         if config["neighbours"] != "none":
             self.neighbour_pool = {"train": cache["train"], "validate": cache["validate"]}
             self.val_neighbours = cache["validate_below"], cache["validate_above"]
+        self.val_tissue = cache["validate_tissue"] if config["tissue"] else None
 
-    def context(self, split, below, above, generator=None):
-        """The UNet's context channels for slices whose neighbours in `split` are `below` / `above` (None
-        for a net without neighbour conditioning)."""
+    def context(self, split, below, above, tissue=None, generator=None):
+        """The UNet's context channels for slices whose neighbours in `split` are `below` / `above` and whose
+        tissue maps are `tissue` (each hidden with its drop probability); None for a net with neither."""
         cfg = self.config
-        if cfg["neighbours"] == "none":
-            return None
-        side, index = pick_neighbours(below, above, cfg["neighbours"], cfg["p_neighbour_drop"], generator)
-        pool = self.neighbour_pool[split]
-        neighbour = pool.index_select(0, index.cpu()).to(self.device, non_blocking=True) * cfg["scale_factor"]
-        return neighbour_context(neighbour, side.to(self.device))
+        parts = []
+        if cfg["neighbours"] != "none":
+            side, index = pick_neighbours(below, above, cfg["neighbours"], cfg["p_neighbour_drop"], generator)
+            pool = self.neighbour_pool[split]
+            neighbour = pool.index_select(0, index.cpu()).to(self.device, non_blocking=True) * cfg["scale_factor"]
+            parts.append(neighbour_context(neighbour, side.to(self.device)))
+        if cfg["tissue"]:
+            keep = torch.rand(len(tissue), generator=generator) >= cfg["p_tissue_drop"]
+            maps = stage_two.tissue_grid(tissue, cfg["latent_shape"][-1]).to(self.device)
+            parts.append(maps * keep.to(self.device)[:, None, None, None].float())
+        return torch.cat(parts, 1) if parts else None
 
     def extra_state(self):
         return {**super().extra_state(), "scale_factor": self.config["scale_factor"],
@@ -107,7 +127,7 @@ class DiffusionTask(stage_two.PriorTask):
         cfg = self.config
         x0 = batch[0].to(self.device, non_blocking=True) * cfg["scale_factor"]
         z = batch[1].to(self.device)
-        context = self.context("train", batch[2], batch[3])
+        context = self.context("train", batch[2], batch[3], batch[4] if cfg["tissue"] else None)
         with util.autocast(self.device):
             loss, per_sample, t = diffusion_loss(self.nets["model"], self.schedule, x0, z, cfg["objective"],
                                                  cfg["p_uncond"], context=context)
@@ -125,7 +145,7 @@ class DiffusionTask(stage_two.PriorTask):
         for net, name in ((self.model, "val/loss_raw"), (self.ema.model, "val/loss")):
             # Fixed noise, t and neighbours per validation: the numbers are comparable across steps.
             g = torch.Generator().manual_seed(cfg["seed"])
-            context = self.context("validate", below, above, g)
+            context = self.context("validate", below, above, None if self.val_tissue is None else self.val_tissue[:n], g)
             _, per_sample, _ = diffusion_loss(net, self.schedule, x0, z, cfg["objective"], 0.0, generator=g,
                                               context=context)
             losses[name] = per_sample.mean().item()
@@ -150,18 +170,24 @@ class DiffusionPrior(stage_two.Prior):
     name, kind, stage = "latent diffusion model", "diffusion", "ldm"
     cache_what, cache_file = "latent", "latents.pt"
     weights, gif, amp, sample_out = "ema", True, True, "samples.png"
+    from_maps = True
     derived = [("latent_shape", lambda v: tr.is_shape(v, 3), "[channels, height, width]"),
                ("scale_factor", lambda v: tr.is_finite(v, 1e-12), "a positive number"),
-               ("x0_clip", lambda v: v is None or tr.is_finite(v), "a number >= 0")]
+               ("x0_clip", lambda v: v is None or tr.is_finite(v), "a number >= 0"),
+               ("image_size", lambda v: v is None or tr.is_whole(v), "a whole number >= 1 (or absent)")]
     hypers, presets, task, doc = HYPERS, PRESETS, DiffusionTask, __doc__
 
     def summary(self, config):
         return f"latents {config['latent_shape']}, scale factor {config['scale_factor']:.4f}"
 
     def train_data(self, cache):
-        return cache["train"], cache["train_z"], cache["train_below"], cache["train_above"]
+        tissue = (cache["train_tissue"],) if "train_tissue" in cache else ()
+        return cache["train"], cache["train_z"], cache["train_below"], cache["train_above"], *tissue
 
     def check_config(self, config):
+        if config["tissue"] and not 0 < config["p_tissue_drop"] < 1:
+            raise UserError(f"--p-tissue-drop {config['p_tissue_drop']}: must lie strictly between 0 and 1 with "
+                            f"--tissue (0 never teaches drawing without a map, 1 never shows one)")
         p = config["p_neighbour_drop"]
         if config["neighbours"] != "none" and not 0 < p < 1:
             raise UserError(f"--p-neighbour-drop {p}: must lie strictly between 0 and 1 with --neighbours "
@@ -170,6 +196,7 @@ class DiffusionPrior(stage_two.Prior):
 
     def complete_config(self, config, cache, ae):
         config["latent_shape"] = list(cache["train"].shape[1:])
+        config["image_size"] = ae.resolution
         config.setdefault("scale_factor", 1.0 / cache["train"].float().std().item())
         # Predicted x0 is clipped to the range of the (scaled) training latents when sampling: with eps
         # prediction, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies any eps error by up to
@@ -182,6 +209,8 @@ class DiffusionPrior(stage_two.Prior):
         kwargs = tr.model_kwargs(HYPERS, config)
         # The context: the neighbour's latent and a side channel (model_diffusion.neighbour_context).
         context = shape[0] + 1 if kwargs.pop("neighbours") != "none" else 0
+        if kwargs.pop("tissue"):  # the tissue map folded onto the latent grid (stage_two.tissue_grid)
+            context += stage_two.tissue_channels(config["image_size"], shape[1])
         return LatentUNet(in_channels=shape[0], resolution=shape[1], num_z=config["num_z"],
                           conditional=config["conditional"], context_channels=context, **kwargs)
 
@@ -192,6 +221,10 @@ class DiffusionPrior(stage_two.Prior):
         parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
         parser.add_argument("--clip-x0", type=float, default=None,
                             help="clip predicted x0 to +-this (default: the training latents' range; 0: no clipping)")
+        parser.add_argument("--tissue-guidance", type=float, default=None,
+                            help=f"classifier-free guidance on the tissue map of a --tissue model, where a map is "
+                                 f"given (default {TISSUE_GUIDANCE}: Dice to the map 0.738 against 0.693 unguided on "
+                                 f"the demo; 1: none; each value above 1 costs twice)")
 
     def sample_options(self, args, config):
         T = config["timesteps"]
@@ -204,12 +237,49 @@ class DiffusionPrior(stage_two.Prior):
         steps = args.steps or (T if args.sampler == "ddpm" else min(50, T))
         # --clip-x0: None -> the training latents' range recorded at training time; 0 -> no clipping
         clip = config.get("x0_clip") if args.clip_x0 is None else args.clip_x0 or None
-        return dict(sampler=args.sampler, steps=steps, eta=args.eta, clip_x0=clip)
+        options = dict(sampler=args.sampler, steps=steps, eta=args.eta, clip_x0=clip)
+        given = args.tissue_guidance
+        if given is not None and not tr.is_finite(given):
+            raise UserError(f"--tissue-guidance {given}: must be a finite number >= 0 (1: none)")
+        if given is not None and not config.get("tissue"):
+            raise UserError(f"--tissue-guidance {given}: this model was trained without tissue maps (--tissue), so "
+                            f"there is no map to guide by")
+        if config.get("tissue"):
+            options["tissue_guidance"] = TISSUE_GUIDANCE if given is None else given
+        if getattr(args, "labels", None):
+            if not config.get("tissue"):
+                raise UserError(f"--labels {args.labels}: this model was trained without tissue maps; train one with "
+                                f"--tissue to draw from a given map")
+            classes = dataset.read_label_map(args.labels, config["image_size"])
+            options.update(labels=classes, tissue=stage_two.tissue_grid(classes[None], config["latent_shape"][-1]))
+        return options
 
     def describe(self, options):
-        return f"{options['sampler']}, {options['steps']} steps", {"sampler": options["sampler"], "steps": options["steps"]}
+        fields = {"sampler": options["sampler"], "steps": options["steps"]}
+        if "tissue_guidance" in options:
+            fields["tissue_guidance"] = options["tissue_guidance"]
+        return f"{options['sampler']}, {options['steps']} steps", fields
+
+    def with_tissue(self, config, context, options, n, device):
+        """The UNet's context: the neighbour part (`context`; None where there is none) and, for a tissue-
+        conditioned net, the tissue part (options['tissue'], one map [1, 4, h, w] or one per sample; zeros when
+        none is given, as a map hidden in training)."""
+        if not config.get("tissue"):
+            return context
+        shape = config["latent_shape"]
+        tissue = options.get("tissue")
+        channels = stage_two.tissue_channels(config["image_size"], shape[1])
+        tissue = torch.zeros(n, channels, *shape[1:]) if tissue is None else tissue.expand(n, -1, -1, -1)
+        if config["neighbours"] != "none" and context is None:
+            context = torch.zeros(n, shape[0] + 1, *shape[1:], device=device)
+        tissue = tissue.to(device)
+        return tissue if context is None else torch.cat([context, tissue], 1)
 
     def draw(self, model, config, z, generator, guidance, options, callback=None, context=None):
+        context = self.with_tissue(config, context, options, len(z), z.device)
+        if options.get("tissue") is not None and options.get("tissue_guidance", 1.0) != 1.0:
+            channels = stage_two.tissue_channels(config["image_size"], config["latent_shape"][1])
+            model = ContextGuided(model, options["tissue_guidance"], channels)
         schedule = NoiseSchedule(config["schedule"], config["timesteps"])
         latents = sample(model, schedule, (len(z), *config["latent_shape"]), z, sampler=options["sampler"],
                          steps=options["steps"], eta=options["eta"], guidance=guidance, objective=config["objective"],

@@ -44,6 +44,7 @@ class Prior:
     needs_codes = False  # True: the stage one must be a VQ-VAE
     weights = "model"    # the state dict that sample/evaluate use ("ema" where one is kept)
     gif = False          # sample --gif: the sampler reports x0 predictions along the way
+    from_maps = False    # sample --labels MAP: draws for a given tissue map (a model trained with --tissue)
     amp = False          # sample/evaluate draw under bf16 autocast on CUDA (validation previews stay fp32)
     derived = []         # (key, test, what it must be): the config entries `complete_config` adds
     sample_out = "samples.png"  # sample's default --out
@@ -185,18 +186,44 @@ def _split_is_whole(cache, split):
     return x.dim() == 3 and x.dtype == torch.long and bool((x >= 0).all())
 
 
-def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
-    """Encode the train and validate splits once with the frozen stage one. Reused on resume when it was
-    built by the same stage-one file from the same data; rebuilt otherwise. `write` is False on ranks > 0."""
+def tissue_grid(labels, grid):
+    """Tissue classes [N, H, W] (0..3) -> the one-hot map folded onto a grid x grid latent (space to depth:
+    each latent cell holds its f x f pixels' classes, f = H / grid), float [N, 4 f^2, grid, grid]. Pooled class
+    fractions instead lose the thin CSF: at 16x16 their upsampled argmax scores Dice 0.15 on it (docs/RESULTS.md)."""
+    labels = torch.as_tensor(labels).long()
+    one_hot = torch.nn.functional.one_hot(labels, len(dataset.LABELS)).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.pixel_unshuffle(one_hot, labels.shape[-1] // grid)
+
+
+def tissue_channels(image_size, grid):
+    """The context channels `tissue_grid` gives at this image and latent size."""
+    return len(dataset.LABELS) * (image_size // grid) ** 2
+
+
+def _tissue_is_whole(cache):
+    """The cache holds a tissue map per slice: classes uint8 [N, H, W] in 0..3."""
+    return all(torch.is_tensor(t := cache.get(f"{split}_tissue")) and t.dtype == torch.uint8 and t.dim() == 3
+               and len(t) == len(cache[split]) and int(t.max()) < len(dataset.LABELS) for split in ("train", "validate"))
+
+
+def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissue=False):
+    """Encode the train and validate splits once with the frozen stage one (with `tissue`, also keep their
+    tissue maps). Reused on resume when it was built by the same stage-one file from
+    the same data; rebuilt otherwise. `write` is False on ranks > 0."""
     ae_hash = util.file_sha256(ae_ckpt["_path"])
     size = ae_ckpt["config"]["size"]
     wanted = config.get("data") or ae_ckpt["config"].get("data")
     wanted_path = Path(wanted) if wanted else dataset.default_data_dir(size)
     cached = load_cache(cache_path, ae_hash)
-    if cached is not None and cached.get("data") and Path(cached["data"]).resolve() == wanted_path.resolve():
+    if (cached is not None and cached.get("data") and Path(cached["data"]).resolve() == wanted_path.resolve()
+            and (not tissue or _tissue_is_whole(cached))):
         return cached  # a cache of other data (a run redone with another --data) is rebuilt below
     data_path = dataset.ensure_dataset(wanted, size)
-    splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"))
+    splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"), labels=tissue)
+    if tissue and any(split.labels is None for split in splits.values()):
+        raise UserError(f"--tissue: {data_path} has no tissue maps for its train and validate splits (OASIS "
+                        f"keras_png_slices_seg_*, a NAME{dataset.LABEL_SUFFIX}.nii.gz beside each volume, or the "
+                        f"embedded set)")
     t0 = time.perf_counter()
     # The absolute path: sample/evaluate may run from another working directory.
     cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
@@ -206,6 +233,8 @@ def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True):
         cache[name] = encode(ae, images, z, device, what)
         cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
         cache[f"{name}_below"], cache[f"{name}_above"] = split.neighbours()
+        if tissue:
+            cache[f"{name}_tissue"] = torch.from_numpy(split.labels)  # folded per batch (tissue_grid)
     print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train + "
           f"{len(cache['validate'])} validate slices in {time.perf_counter() - t0:.1f}s -> "
           f"{tuple(cache['train'].shape[1:])} per slice")
@@ -265,7 +294,8 @@ def train(prior, args):
         print(f"preset: {config['preset']}; stage one: {ae_ckpt['model_type']} from {config['ae']}")
     out = Path(config["out"])
     tr.claim_run_dir(args, out, rank)  # before encoding, which would replace an existing run's cache
-    cache = build_cache(ae, ae_ckpt, config, device, prior.cache_what, out / prior.cache_file, write=rank == 0)
+    cache = build_cache(ae, ae_ckpt, config, device, prior.cache_what, out / prior.cache_file, write=rank == 0,
+                        tissue=bool(config.get("tissue")))
     config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"], spacing=cache["spacing"],
                   conditional=bool((cache["train_z"] >= 0).any()))
     prior.complete_config(config, cache, ae)
@@ -472,6 +502,11 @@ def sample_cmd(prior, args):
     if labels is not None:
         seg, over = util.save_labelled_grids(images, labels, dataset.SEG_CLASS_LEVELS, out, nrow=len(zs))
         print(f"tissue maps (OASIS seg levels 0/85/170/255) -> {seg}; over the samples -> {over}")
+    if labels is not None and options.get("labels") is not None:
+        given = dataset.fit_square(options["labels"], images.shape[-1], nearest=True)
+        scores = evaluation.dice_scores(torch.from_numpy(labels), torch.from_numpy(given).expand(len(labels), -1, -1))
+        print(f"the samples follow --labels {args.labels}: Dice of their tissue maps against it " + ", ".join(
+            f"{name} {scores[f'dice/{name}']:.3f}" for name in dataset.LABELS[1:]) + f" (mean {scores['dice_mean']:.3f})")
     if frames:
         util.save_gif(frames, args.gif)
         print(f"denoising GIF ({len(frames)} frames of decoded x0 predictions) -> {args.gif}")
@@ -510,7 +545,8 @@ def subjects_cmd(prior, args):
     """`sample --subjects N`: N whole subjects, each a NIfTI volume subject_NNN.nii.gz (uint8, slices in z order,
     the training data's voxel size), and subjects.png: per subject, axial slices and mid-sagittal/coronal
     reslices."""
-    given = [f for f, v in (("--n", args.n), ("--z", args.z), ("--gif", getattr(args, "gif", None))) if v is not None]
+    given = [f for f, v in (("--n", args.n), ("--z", args.z), ("--gif", getattr(args, "gif", None)),
+                            ("--labels", getattr(args, "labels", None))) if v is not None]
     if given:
         raise UserError(f"{given[0]}: does not apply with --subjects (a subject holds every z-index once; "
                         f"--subjects N sets how many)")
@@ -550,6 +586,35 @@ def subjects_cmd(prior, args):
     return 0
 
 
+def follow_metrics(prior, model, ae, ckpt, device, guidance, options, seed, batch_size=64):
+    """For a prior drawn from tissue maps: one sample per real test slice, drawn for its map and z-index; Dice
+    between each map and the labeller's segmentation of its sample (`follow/*`), beside the labeller's Dice on
+    the real slices themselves (`follow_real/*`: the most a sample can score by this labeller)."""
+    config = ckpt["config"]
+    size = ae.resolution
+    test = dataset.load_split(config["data"], "test", size=size, labels=True)
+    if test.labels is None:
+        raise UserError(f"{config['data']}: has no tissue maps for its test split, which the tissue-conditioned "
+                        f"evaluation draws from")
+    real, z = test.tensors()
+    z = z if config["conditional"] else torch.full_like(z, -1)
+    grid = config["latent_shape"][-1]
+
+    def draw(gen):
+        return [prior.draw(model, config, z[i:i + batch_size].to(device), gen, guidance,
+                           {**options, "tissue": tissue_grid(test.labels[i:i + batch_size], grid)})
+                for i in range(0, len(z), batch_size)]
+    samples, _ = _timed(prior, draw, ae, ckpt, z, device, seed)
+    labeller = evaluation.segmenter_for(config["data"], size)
+    target = torch.from_numpy(test.labels)
+    metrics = {f"follow/{k}": v for k, v in evaluation.dice_scores(evaluation.segment(labeller, samples),
+                                                                   target).items()}
+    metrics.update({f"follow_real/{k}": v for k, v in evaluation.dice_scores(evaluation.segment(labeller, real),
+                                                                             target).items()})
+    metrics["follow_slices"] = len(z)
+    return metrics
+
+
 def evaluate_cmd(prior, args):
     """`evaluate`: n subjects (n samples per z-index) scored slice by slice against real validate slices, and as
     stacks against real validate subjects (see evaluation.py)."""
@@ -574,6 +639,9 @@ def evaluate_cmd(prior, args):
         metrics.update(evaluation.consistency_metrics(images.reshape(args.n, config["num_z"], *images.shape[-2:]),
                                                       config["data"]))
     metrics.update(prior.describe(options)[1], guidance=args.guidance, ms_per_image=seconds / len(images) * 1000)
+    if config.get("tissue"):
+        metrics.update(follow_metrics(prior, model, ae, ckpt, device, args.guidance, options, args.seed,
+                                      args.batch_size))
     if args.tstr:
         labels = tissue_maps(images, config, args)
         if labels is None:
@@ -635,6 +703,11 @@ def parse_args(prior, argv):
                                 f"with --subjects a folder (default subjects)")
             if prior.gif:
                 s.add_argument("--gif", default=None, help="also write the denoising process (decoded x0 predictions)")
+            if prior.from_maps:
+                s.add_argument("--labels", default=None, metavar="MAP",
+                               help="a tissue map PNG (OASIS seg levels 0/85/170/255, as sample writes them, or "
+                                    "classes 0..3): every sample's anatomy follows it (a model trained with "
+                                    "--tissue); give the map's slice as --z")
         else:
             s.add_argument("--out", default=None, help="write the metrics as JSON here")
     return p.parse_args(argv)
