@@ -335,7 +335,7 @@ def load_prior(prior, path, device, ae_override=None):
     return model.to(device).eval(), ae, ckpt
 
 
-def parse_z_spec(text, num_z, flag="--z"):
+def parse_z_spec(text, num_z, flag="--z", model="this model"):
     """'0..31' (inclusive range), '5', or '0,8,16' -> list of ints, each checked against num_z."""
     try:
         if ".." in text:
@@ -347,7 +347,7 @@ def parse_z_spec(text, num_z, flag="--z"):
         raise UserError(f"{flag} {text}: expected a range like 0..31 or a list like 0,8,16") from None
     bad = [v for v in values if not 0 <= v < max(num_z, 1)]
     if not values or bad:
-        raise UserError(f"{flag} {text}: z-indices must lie in 0..{max(num_z, 1) - 1} for this model")
+        raise UserError(f"{flag} {text}: z-indices must lie in 0..{max(num_z, 1) - 1} for {model}")
     return values
 
 
@@ -486,7 +486,8 @@ def sample_cmd(prior, args):
     args.n = 1 if args.n is None else args.n
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
-    zs = parse_z_spec(args.z or f"0..{config['num_z'] - 1}", config["num_z"]) if config["conditional"] else [-1]
+    zs = (parse_z_spec(args.z or f"0..{config['num_z'] - 1}", config["num_z"], model=f"--ckpt {ckpt['_path']}")
+          if config["conditional"] else [-1])
     z = sample_grid_z(zs, args.n)
     out = check_image_path(args.out or prior.sample_out, "--out")
     if getattr(args, "gif", None):

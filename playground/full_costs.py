@@ -70,7 +70,7 @@ def prior_task(script, preset, stage_one_preset, device):
     ae_cfg = tr.preset_values(prestage_train.HYPERS, prestage_train.PRESETS, stage_one_preset)
     ae_cfg.update(model="vqvae", conditional=True, num_z=NUM_Z)
     latent = list(prestage_train.build_autoencoder("vqvae", prestage_train.autoencoder_config(ae_cfg)).latent_shape)
-    ae = SimpleNamespace(n_embed=ae_cfg["n_embed"])
+    ae = SimpleNamespace(n_embed=ae_cfg["n_embed"], resolution=ae_cfg["size"])  # what complete_config reads
     gen = torch.Generator().manual_seed(0)
 
     def data(b):
