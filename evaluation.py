@@ -764,8 +764,11 @@ def segmenter_for(data_path, size, steps=None, seed=0, cache_dir=None, verbose=T
     regressor). It gives every generated slice its tissue map: on slices decoded by stage one it beat
     segmenters trained on decoded slices or on the latent (docs/RESULTS.md, "Tissue maps for samples")."""
     steps = steps or SEG_STEPS
-    if train is None:
-        train, _ = labelled_splits(data_path, size)
+    if train is None:  # the train split only: every sample call comes here
+        train = dataset.load_split(dataset.ensure_dataset(data_path, size), "train", size=size, labels=True)
+        if train.labels is None:
+            raise UserError(f"{data_path}: has no tissue maps for its train split (OASIS keras_png_slices_seg_*, "
+                            f"a NAME{dataset.LABEL_SUFFIX}.nii.gz beside each volume, or the embedded set)")
     fingerprint = _label_fingerprint(train)
     path = _cache_path("seg", SEG_VERSION, data_path, size, cache_dir, f"|{steps}|{seed}")
     cached = _load_cached(path, SEG_VERSION, fingerprint, lambda st: SegNet(st["width"]))

@@ -245,7 +245,7 @@ def test_fuzz_stage_one_checkpoint(runs, marker, tmp_path_factory, data):
         argv = ["--eval-only", "--ckpt", path, "--split", "test", "--data", runs["data"]]
         check("checkpoint (stage one)", run(prestage_train.main, argv), "--ckpt", path)
     else:
-        argv = ["sample", "--ckpt", runs["pcnn"] / "best.pt", "--ae", path, "--n", 1, "--z", "0",
+        argv = ["sample", "--ckpt", runs["pcnn"] / "best.pt", "--ae", path, "--n", 1, "--z", "0", "--no-tissue-maps",
                 "--out", path.with_suffix(".png")]
         check("checkpoint (stage one)", run(pixelCNN.main, argv), "--ae", path)
 
@@ -255,7 +255,8 @@ def test_fuzz_stage_one_checkpoint(runs, marker, tmp_path_factory, data):
 def test_fuzz_diffusion_checkpoint(runs, marker, tmp_path_factory, data):
     path = tmp_path_factory.getbasetemp() / "fuzz_ldm.pt"
     path.write_bytes(data.draw(mutated_checkpoint(runs["ldm"] / "best.pt", marker)))
-    argv = ["sample", "--ckpt", path, "--n", 1, "--z", "0,3", "--steps", 2, "--out", path.with_suffix(".png")]
+    argv = ["sample", "--ckpt", path, "--n", 1, "--z", "0,3", "--steps", 2, "--no-tissue-maps",
+            "--out", path.with_suffix(".png")]
     check("checkpoint (diffusion)", run(stable_diffusion.main, argv), "--ckpt", path, "--ae")
 
 
@@ -264,7 +265,7 @@ def test_fuzz_diffusion_checkpoint(runs, marker, tmp_path_factory, data):
 def test_fuzz_pixelcnn_checkpoint(runs, marker, tmp_path_factory, data):
     path = tmp_path_factory.getbasetemp() / "fuzz_pcnn.pt"
     path.write_bytes(data.draw(mutated_checkpoint(runs["pcnn"] / "best.pt", marker)))
-    argv = ["sample", "--ckpt", path, "--n", 1, "--z", "0,3", "--out", path.with_suffix(".png")]
+    argv = ["sample", "--ckpt", path, "--n", 1, "--z", "0,3", "--no-tissue-maps", "--out", path.with_suffix(".png")]
     check("checkpoint (PixelCNN)", run(pixelCNN.main, argv), "--ckpt", path, "--ae")
 
 

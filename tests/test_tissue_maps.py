@@ -108,8 +108,10 @@ def test_labeller_is_trained_once_per_dataset(tiny_data, tmp_path, monkeypatch, 
 
 def test_data_without_tissue_maps_is_one_clear_error(tmp_path, write_disc_dataset):
     root = write_disc_dataset(tmp_path / "discs")  # OASIS layout, no keras_png_slices_seg_* folders
-    with pytest.raises(UserError, match="has no tissue maps for the train and test splits"):
+    with pytest.raises(UserError, match="has no tissue maps for its train split"):
         evaluation.segmenter_for(root, 32, steps=2, cache_dir=tmp_path)
+    with pytest.raises(UserError, match="has no tissue maps for the train and test splits"):
+        evaluation.segmentation_reference(root, 32, steps=2, cache_dir=tmp_path)
 
 
 def test_synthetic_row_equals_real_row_when_the_pairs_are_the_same(tiny_data, tmp_path):
