@@ -86,7 +86,8 @@ def main(argv=None):
                                   *guide, "--out", out / "samples_pixelcnn.png", *seed], out / "samples_pixelcnn.png",
              timings)
         step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 16, *guide, *tstr,
-                                  "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json", timings)
+                                  "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json",
+             timings)
         runs.append(prior)
     step("training curves", ["logger.py", *runs, "--out", out / "curves.png", "--smooth", 3], None, timings)
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")

@@ -825,8 +825,8 @@ def segmentation_reference(data_path, size, n=None, steps=SEG_STEPS, seed=0, cac
 def train_on_synthetic(images, labels, data_path, steps=SEG_STEPS, seed=0, cache_dir=None):
     """Train-on-synthetic / test-on-real of generated pairs (images [N, 1, H, W] in [-1, 1], tissue classes
     [N, H, W]): Dice on the real test split of the segmenter trained on them alone, and on the first 2 real
-    train subjects plus them (half real, half synthetic), beside `segmentation_reference` for N real pairs and the 2 subjects alone (the same
-    network, steps and seed on every row)."""
+    train subjects plus them (half real, half synthetic), beside `segmentation_reference` for N real pairs and
+    the 2 subjects alone (the same network, steps and seed on every row)."""
     size = images.shape[-1]
     train, test = labelled_splits(data_path, size)
     metrics = segmentation_reference(data_path, size, len(images), steps, seed, cache_dir, (train, test))
@@ -838,7 +838,8 @@ def train_on_synthetic(images, labels, data_path, steps=SEG_STEPS, seed=0, cache
     # among 512 synthetic drawn uniformly, Dice fell 0.716 against 0.736 (docs/RESULTS.md).
     times = max(1, round(len(images) / len(two)))
     mixed_x = torch.cat([util.to_float(real_x[two]).repeat(times, 1, 1, 1), images.float().cpu()])
-    mixed_y = torch.cat([torch.from_numpy(train.labels[two]).long().repeat(times, 1, 1), torch.as_tensor(labels).long()])
+    mixed_y = torch.cat([torch.from_numpy(train.labels[two]).long().repeat(times, 1, 1),
+                         torch.as_tensor(labels).long()])
     scores = _test_dice(mixed_x, mixed_y, test, steps, seed)
     metrics.update({f"segmenter_2_subjects_plus_synthetic/{k}": v for k, v in scores.items()})
     metrics["segmenter_synthetic_pairs"] = len(images)

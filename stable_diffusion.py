@@ -39,8 +39,8 @@ import dataset
 import stage_two
 import trainer as tr
 import util
-from model_diffusion import (NEIGHBOURS, ContextGuided, LatentUNet, NoiseSchedule, diffusion_loss, neighbour_context,
-                             pick_neighbours, sample)
+from model_diffusion import (NEIGHBOURS, ContextGuided, LatentUNet, NoiseSchedule, diffusion_loss,
+                             neighbour_context, pick_neighbours, sample)
 from util import UserError
 
 TISSUE_GUIDANCE = 2.0  # sample/evaluate default for a --tissue model given a map (docs/RESULTS.md)
@@ -145,7 +145,8 @@ class DiffusionTask(stage_two.PriorTask):
         for net, name in ((self.model, "val/loss_raw"), (self.ema.model, "val/loss")):
             # Fixed noise, t and neighbours per validation: the numbers are comparable across steps.
             g = torch.Generator().manual_seed(cfg["seed"])
-            context = self.context("validate", below, above, None if self.val_tissue is None else self.val_tissue[:n], g)
+            tissue = None if self.val_tissue is None else self.val_tissue[:n]
+            context = self.context("validate", below, above, tissue, g)
             _, per_sample, _ = diffusion_loss(net, self.schedule, x0, z, cfg["objective"], 0.0, generator=g,
                                               context=context)
             losses[name] = per_sample.mean().item()

@@ -203,7 +203,8 @@ def tissue_channels(image_size, grid):
 def _tissue_is_whole(cache):
     """The cache holds a tissue map per slice: classes uint8 [N, H, W] in 0..3."""
     return all(torch.is_tensor(t := cache.get(f"{split}_tissue")) and t.dtype == torch.uint8 and t.dim() == 3
-               and len(t) == len(cache[split]) and int(t.max()) < len(dataset.LABELS) for split in ("train", "validate"))
+               and len(t) == len(cache[split]) and int(t.max()) < len(dataset.LABELS)
+               for split in ("train", "validate"))
 
 
 def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissue=False):
@@ -506,8 +507,9 @@ def sample_cmd(prior, args):
     if labels is not None and options.get("labels") is not None:
         given = dataset.fit_square(options["labels"], images.shape[-1], nearest=True)
         scores = evaluation.dice_scores(torch.from_numpy(labels), torch.from_numpy(given).expand(len(labels), -1, -1))
-        print(f"the samples follow --labels {args.labels}: Dice of their tissue maps against it " + ", ".join(
-            f"{name} {scores[f'dice/{name}']:.3f}" for name in dataset.LABELS[1:]) + f" (mean {scores['dice_mean']:.3f})")
+        per_tissue = ", ".join(f"{name} {scores[f'dice/{name}']:.3f}" for name in dataset.LABELS[1:])
+        print(f"the samples follow --labels {args.labels}: Dice of their tissue maps against it {per_tissue} "
+              f"(mean {scores['dice_mean']:.3f})")
     if frames:
         util.save_gif(frames, args.gif)
         print(f"denoising GIF ({len(frames)} frames of decoded x0 predictions) -> {args.gif}")
@@ -621,6 +623,8 @@ def evaluate_cmd(prior, args):
     stacks against real validate subjects (see evaluation.py)."""
     if args.tstr < 0:
         raise UserError(f"--tstr {args.tstr}: steps must be 0 (skip) or more")
+    if args.tstr and not args.tissue_maps:
+        raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, which --no-tissue-maps turns off")
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     if not config["conditional"]:
@@ -646,8 +650,7 @@ def evaluate_cmd(prior, args):
     if args.tstr:
         labels = tissue_maps(images, config, args)
         if labels is None:
-            raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, and {config['data']} has none "
-                            f"(or --no-tissue-maps was given)")
+            raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, and {config['data']} has none")
         metrics.update(evaluation.train_on_synthetic(images, torch.from_numpy(labels), config["data"],
                                                      steps=args.tstr, seed=args.seed))
     evaluation.report(metrics, args.out)
