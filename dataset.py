@@ -501,6 +501,8 @@ def _load_oasis(root, size, splits, labels=False):
 
 
 LABEL_SUFFIX = "_seg"  # NAME_seg.nii.gz beside NAME.nii.gz: that subject's tissue labels
+# where tissue maps come from, for the messages of whatever needs them
+LABEL_SOURCES = f"OASIS keras_png_slices_seg_*, a NAME{LABEL_SUFFIX}.nii.gz beside each volume, or the embedded set"
 
 
 def _nifti_volumes(root):

@@ -748,8 +748,7 @@ def labelled_splits(data_path, size):
     train = dataset.load_split(root, "train", size=size, labels=True)
     test = dataset.load_split(root, "test", size=size, labels=True)
     if train.labels is None or test.labels is None:
-        raise UserError(f"{root}: has no tissue maps for the train and test splits (OASIS keras_png_slices_seg_*, "
-                        f"a NAME{dataset.LABEL_SUFFIX}.nii.gz beside each volume, or the embedded set)")
+        raise UserError(f"{root}: has no tissue maps for the train and test splits ({dataset.LABEL_SOURCES})")
     return train, test
 
 
@@ -767,8 +766,7 @@ def segmenter_for(data_path, size, steps=None, seed=0, cache_dir=None, verbose=T
     if train is None:  # the train split only: every sample call comes here
         train = dataset.load_split(dataset.ensure_dataset(data_path, size), "train", size=size, labels=True)
         if train.labels is None:
-            raise UserError(f"{data_path}: has no tissue maps for its train split (OASIS keras_png_slices_seg_*, "
-                            f"a NAME{dataset.LABEL_SUFFIX}.nii.gz beside each volume, or the embedded set)")
+            raise UserError(f"{data_path}: has no tissue maps for its train split ({dataset.LABEL_SOURCES})")
     fingerprint = _label_fingerprint(train)
     path = _cache_path("seg", SEG_VERSION, data_path, size, cache_dir, f"|{steps}|{seed}")
     cached = _load_cached(path, SEG_VERSION, fingerprint, lambda st: SegNet(st["width"]))

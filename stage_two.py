@@ -222,9 +222,8 @@ def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissu
     data_path = dataset.ensure_dataset(wanted, size)
     splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"), labels=tissue)
     if tissue and any(split.labels is None for split in splits.values()):
-        raise UserError(f"--tissue: {data_path} has no tissue maps for its train and validate splits (OASIS "
-                        f"keras_png_slices_seg_*, a NAME{dataset.LABEL_SUFFIX}.nii.gz beside each volume, or the "
-                        f"embedded set)")
+        raise UserError(f"--tissue: {data_path} has no tissue maps for its train and validate splits "
+                        f"({dataset.LABEL_SOURCES})")
     t0 = time.perf_counter()
     # The absolute path: sample/evaluate may run from another working directory.
     cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
