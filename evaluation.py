@@ -793,23 +793,26 @@ def _two_subjects(train):
     return np.flatnonzero(np.isin(train.subjects, sorted(set(train.subjects))[:2]))
 
 
-def segmentation_reference(data_path, size, n=None, steps=SEG_STEPS, seed=0, cache_dir=None, splits=None):
+def segmentation_reference(data_path, size, n=None, steps=SEG_STEPS, seed=0, cache_dir=None, splits=None,
+                           two_subjects=True):
     """Real-pair references of train-on-synthetic / test-on-real: the segmenter trained on n random real train
-    pairs (default all), and on the first 2 real train subjects, each scored by Dice on the real test split.
-    Cached per data, n, steps and seed (the rows are the same for every prior)."""
+    pairs (default all), and (with `two_subjects`) on the first 2 real train subjects, each scored by Dice on the
+    real test split. Cached per data, n, steps, seed and rows (the rows are the same for every prior)."""
     train, test = splits or labelled_splits(data_path, size)
     images, _ = train.tensors()
     pick = _pick(len(images), n, np.random.default_rng(seed))
-    path = _cache_path("segref", SEG_VERSION, data_path, size, cache_dir, f"|{len(pick)}|{steps}|{seed}")
+    rows = "" if two_subjects else "|real"
+    path = _cache_path("segref", SEG_VERSION, data_path, size, cache_dir, f"|{len(pick)}|{steps}|{seed}{rows}")
     fingerprint = _label_fingerprint(train) + _label_fingerprint(test)
     if path.with_suffix(".json").is_file():
         cached = json.loads(path.with_suffix(".json").read_text())
         if cached.get("fingerprint") == fingerprint:
             return cached["metrics"]
     two = _two_subjects(train)
-    metrics = {"segmenter_steps": steps, "segmenter_train_pairs": len(pick), "segmenter_two_subject_pairs": len(two),
-               "segmenter_test_slices": len(test.images)}
-    for key, rows in (("real", pick), ("real_2_subjects", two)):
+    metrics = {"segmenter_steps": steps, "segmenter_train_pairs": len(pick), "segmenter_test_slices": len(test.images)}
+    if two_subjects:
+        metrics["segmenter_two_subject_pairs"] = len(two)
+    for key, rows in [("real", pick)] + ([("real_2_subjects", two)] if two_subjects else []):
         scores = _test_dice(images[rows], torch.from_numpy(train.labels[rows]), test, steps, seed)
         metrics.update({f"segmenter_{key}/{k}": v for k, v in scores.items()})
     try:
@@ -820,16 +823,27 @@ def segmentation_reference(data_path, size, n=None, steps=SEG_STEPS, seed=0, cac
     return metrics
 
 
-def train_on_synthetic(images, labels, data_path, steps=SEG_STEPS, seed=0, cache_dir=None):
+def train_on_synthetic(images, labels, data_path, steps=SEG_STEPS, seed=0, cache_dir=None, two_subjects=True):
     """Train-on-synthetic / test-on-real of generated pairs (images [N, 1, H, W] in [-1, 1], tissue classes
-    [N, H, W]): Dice on the real test split of the segmenter trained on them alone, and on the first 2 real
-    train subjects plus them (half real, half synthetic), beside `segmentation_reference` for N real pairs and
-    the 2 subjects alone (the same network, steps and seed on every row)."""
+    [N, H, W]): Dice on the real test split of the segmenter trained on them alone, beside
+    `segmentation_reference` for N real pairs (the same network, steps and seed on every row); with
+    `two_subjects` also on the first 2 real train subjects plus them (half real, half synthetic), beside the 2
+    subjects alone."""
     size = images.shape[-1]
     train, test = labelled_splits(data_path, size)
-    metrics = segmentation_reference(data_path, size, len(images), steps, seed, cache_dir, (train, test))
+    metrics = segmentation_reference(data_path, size, len(images), steps, seed, cache_dir, (train, test), two_subjects)
     scores = _test_dice(images, labels, test, steps, seed)
     metrics.update({f"segmenter_synthetic/{k}": v for k, v in scores.items()})
+    metrics["segmenter_synthetic_pairs"] = len(images)
+    real = metrics["segmenter_real/dice_mean"]
+    metrics["tstr_ratio"] = metrics["segmenter_synthetic/dice_mean"] / real if real > 0 else None
+    if two_subjects:
+        metrics.update(_two_subjects_plus(images, labels, train, test, steps, seed))
+    return metrics
+
+
+def _two_subjects_plus(images, labels, train, test, steps, seed):
+    """Dice of the segmenter trained on the first 2 real train subjects plus the generated pairs."""
     two = _two_subjects(train)
     real_x, _ = train.tensors()
     # The real pairs repeated to about as many as the synthetic ones, so half of each batch is real: with 64 real
@@ -839,11 +853,7 @@ def train_on_synthetic(images, labels, data_path, steps=SEG_STEPS, seed=0, cache
     mixed_y = torch.cat([torch.from_numpy(train.labels[two]).long().repeat(times, 1, 1),
                          torch.as_tensor(labels).long()])
     scores = _test_dice(mixed_x, mixed_y, test, steps, seed)
-    metrics.update({f"segmenter_2_subjects_plus_synthetic/{k}": v for k, v in scores.items()})
-    metrics["segmenter_synthetic_pairs"] = len(images)
-    real = metrics["segmenter_real/dice_mean"]
-    metrics["tstr_ratio"] = metrics["segmenter_synthetic/dice_mean"] / real if real > 0 else None
-    return metrics
+    return {f"segmenter_2_subjects_plus_synthetic/{k}": v for k, v in scores.items()}
 
 
 # ----------------------------------------------------------------------------------------------

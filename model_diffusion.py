@@ -305,9 +305,20 @@ def _randn(shape, generator, device, dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, generator=None, context=None):
+def min_snr_weights(schedule, t, objective, gamma):
+    """Min-SNR-gamma loss weights (Hang et al. 2023) at steps t [B]: min(SNR, gamma) / SNR for eps, / (SNR + 1)
+    for v, i.e. the x0-MSE weight clipped at gamma, expressed for the network's own target. Low-noise steps,
+    whose SNR is far above gamma, then stop dominating the gradient."""
+    snr = torch.exp(schedule.log_snr.to(t.device)[t])
+    clipped = snr.clamp(max=gamma)
+    return (clipped / snr if objective == "eps" else clipped / (snr + 1)).float()
+
+
+def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, generator=None, context=None,
+                   min_snr_gamma=0.0):
     """Simple DDPM loss: MSE to eps or v at uniform t; z set to -1 with prob. p_uncond; `context` goes to the
-    model unchanged. -> (mean, [B], t [B])."""
+    model unchanged; `min_snr_gamma` > 0 weights the mean by `min_snr_weights` (the per-sample MSE returned stays
+    unweighted, so validation losses compare across weightings). -> (mean, [B], t [B])."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}, expected one of {OBJECTIVES}")
     b, device = x0.shape[0], x0.device
@@ -321,6 +332,8 @@ def diffusion_loss(model, schedule, x0, z, objective="eps", p_uncond=0.1, genera
     target = noise if objective == "eps" else schedule.v_target(x0, noise, t)
     output = model(x_t, t, z) if context is None else model(x_t, t, z, context=context)
     per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if min_snr_gamma > 0:
+        return (per_sample * min_snr_weights(schedule, t, objective, min_snr_gamma)).mean(), per_sample, t
     return per_sample.mean(), per_sample, t
 
 

@@ -66,6 +66,8 @@ HYPERS = [
     H("schedule", "linear", "noise schedule", "loss", choices=("linear", "cosine")),
     H("timesteps", 1000, "diffusion steps T", "loss", low=2),
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
+    H("min_snr_gamma", 0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0 = plain MSE",
+      "loss"),
     H("ema_decay", 0.9999, "EMA decay of the weights that validation and sampling use", "optimisation"),
     H("sample_steps", 50, "DDIM steps of the validation sample grid", "output", low=1),
     *stage_two.prior_hypers(steps=200000, batch_size=64, lr=1e-4, warmup=1000, lr_schedule="constant",
@@ -130,7 +132,7 @@ class DiffusionTask(stage_two.PriorTask):
         context = self.context("train", batch[2], batch[3], batch[4] if cfg["tissue"] else None)
         with util.autocast(self.device):
             loss, per_sample, t = diffusion_loss(self.nets["model"], self.schedule, x0, z, cfg["objective"],
-                                                 cfg["p_uncond"], context=context)
+                                                 cfg["p_uncond"], context=context, min_snr_gamma=cfg["min_snr_gamma"])
         self.optimizer_step(loss)
         self.ema.update(self.model)
         return {"loss/diffusion": loss.detach(), **loss_by_quartile(per_sample.detach().float(), t, cfg["timesteps"])}

@@ -624,6 +624,8 @@ def evaluate_cmd(prior, args):
         raise UserError(f"--tstr {args.tstr}: steps must be 0 (skip) or more")
     if args.tstr and not args.tissue_maps:
         raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, which --no-tissue-maps turns off")
+    if not args.tstr and not args.tstr_two_subjects:
+        raise UserError("--no-tstr-two-subjects: applies only with --tstr STEPS")
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     if not config["conditional"]:
@@ -651,7 +653,8 @@ def evaluate_cmd(prior, args):
         if labels is None:
             raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, and {config['data']} has none")
         metrics.update(evaluation.train_on_synthetic(images, torch.from_numpy(labels), config["data"],
-                                                     steps=args.tstr, seed=args.seed))
+                                                     steps=args.tstr, seed=args.seed,
+                                                     two_subjects=args.tstr_two_subjects))
     evaluation.report(metrics, args.out)
     return 0
 
@@ -696,6 +699,9 @@ def parse_args(prior, argv):
                            help="train-on-synthetic / test-on-real: train the segmenter for STEPS steps on the "
                                 "samples and their tissue maps, on as many real pairs, on 2 real subjects with and "
                                 "without the samples; Dice of each on the real test split (0: skip)")
+            s.add_argument("--tstr-two-subjects", action=argparse.BooleanOptionalAction, default=True,
+                           help="with --tstr: also the rows on 2 real subjects with and without the samples (two "
+                                "of the four segmenter trainings; make demo skips them)")
         if command == "sample":
             s.add_argument("--z", default=None, help="z-indices: a range 0..31, or a list 0,8,16 (default: all)")
             s.add_argument("--subjects", type=int, default=None,

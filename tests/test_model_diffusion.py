@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from model_diffusion import (LatentUNet, NoiseSchedule, ddim_sample, ddim_sigma, ddim_step, ddpm_sample,
-                             diffusion_loss, dpmpp_2m_sample, guided, respaced_posterior, sample, sampling_timesteps)
+                             diffusion_loss, dpmpp_2m_sample, guided, min_snr_weights, respaced_posterior, sample,
+                             sampling_timesteps)
 
 T = 1000
 
@@ -481,6 +482,29 @@ def test_loss_shapes_and_targets(objective):
     assert loss.item() == pytest.approx(per_sample.mean().item())
     again = diffusion_loss(model, s, x0, z, objective, p_uncond=0.0, generator=rng(0))
     torch.testing.assert_close(again[1], per_sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_min_snr_weights_against_the_schedule_in_numpy(objective):
+    s = NoiseSchedule("linear", T)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))  # Ho et al.'s linear betas, computed apart
+    snr = abar / (1 - abar)
+    t = torch.tensor([0, 10, 200, 500, 999])
+    expected = np.minimum(snr, 5.0)[t.numpy()] / (snr[t.numpy()] + (objective == "v"))
+    np.testing.assert_allclose(min_snr_weights(s, t, objective, 5.0).numpy(), expected, rtol=1e-5)
+    assert min_snr_weights(s, t, objective, 5.0)[-1] == pytest.approx(1.0 if objective == "eps" else
+                                                                      snr[-1] / (snr[-1] + 1), rel=1e-5)
+
+
+def test_min_snr_loss_weights_the_mean_and_keeps_the_per_sample_mse():
+    s = NoiseSchedule("linear", T)
+    x0, z = torch.randn(32, 4, 8, 8, generator=rng(1)), torch.randint(0, 32, (32,))
+    plain, per_plain, t = diffusion_loss(RecordingZero(), s, x0, z, "v", p_uncond=0.0, generator=rng(0))
+    weighted, per, t2 = diffusion_loss(RecordingZero(), s, x0, z, "v", p_uncond=0.0, generator=rng(0),
+                                       min_snr_gamma=5.0)
+    assert torch.equal(t, t2) and torch.equal(per, per_plain)
+    assert weighted.item() == pytest.approx((per * min_snr_weights(s, t, "v", 5.0)).mean().item(), rel=1e-6)
+    assert weighted.item() < plain.item()  # every weight is below 1 for v
 
 
 def test_loss_condition_dropout():

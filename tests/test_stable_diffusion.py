@@ -115,6 +115,18 @@ def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data,
         assert im.size == cli.grid_size(1, 8)  # 8 z-indices in one row
 
 
+def test_min_snr_gamma_weights_the_logged_training_loss(tmp_path, vae_run):
+    """Same seed, same first batch: the min-SNR run logs the weighted mean, below the plain MSE (v weights < 1)."""
+    losses = {}
+    for name, extra in (("plain", []), ("snr", ["--min-snr-gamma", 5])):
+        out = tmp_path / name
+        _sd("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--out", out, "--steps", 1, "--log-every", 1,
+            "--val-every", 1, "--ckpt-every", 1, *extra)
+        losses[name] = [r for r in util.read_jsonl(out / "log.jsonl") if "loss/diffusion" in r][0]["loss/diffusion"]
+        assert json.loads((out / "config.json").read_text())["min_snr_gamma"] == (5.0 if extra else 0.0)
+    assert 0 < losses["snr"] < losses["plain"]
+
+
 def test_vq_samples_are_snapped_to_codes_before_decoding(ldm_vq, vqvae_run):
     ckpt = util.load_checkpoint(ldm_vq / "best.pt")
     scale = ckpt["scale_factor"]
@@ -274,6 +286,9 @@ def test_bad_inputs_give_one_clear_line(tmp_path, vae_run, ldm_vae):
         _sd("sample", "--ckpt", ckpt, "--clip-x0", "nan", "--out", tmp_path / "s.png")
     with pytest.raises(UserError, match="--n 0 .*at least 1"):
         _sd("sample", "--ckpt", ckpt, "--n", 0, "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"--min-snr-gamma -1.0: must be >= 0"):
+        _sd("train", "--ae", vae_run / "best.pt", "--preset", "smoke", "--min-snr-gamma", -1, "--out", tmp_path / "g")
+    assert not (tmp_path / "g").exists()
     assert not (tmp_path / "s.png").exists()
 
 

@@ -200,8 +200,24 @@ def test_evaluate_tstr_reports_every_row(ldm, tiny_data, tmp_path, quick_eval, m
     assert m["tstr_ratio"] == (pytest.approx(m["segmenter_synthetic/dice_mean"] / real) if real > 0 else None)
 
 
+def test_evaluate_tstr_without_the_two_subject_rows(ldm, tmp_path, quick_eval, monkeypatch):
+    monkeypatch.setattr(evaluation, "SEG_STEPS", 3)
+    trained = []
+    real_dice = evaluation._test_dice
+    monkeypatch.setattr(evaluation, "_test_dice", lambda x, *a: trained.append(len(x)) or real_dice(x, *a))
+    out = tmp_path / "m.json"
+    sd.main(["evaluate", "--ckpt", str(ldm / "best.pt"), "--n", "2", "--sampler", "ddim", "--steps", "2",
+             "--tstr", "3", "--no-tstr-two-subjects", "--out", str(out)])
+    m = json.loads(out.read_text())
+    assert trained == [m["segmenter_train_pairs"], m["segmenter_synthetic_pairs"]]  # two trainings, not four
+    assert not [k for k in m if "2_subjects" in k or "two_subject" in k]
+    real = m["segmenter_real/dice_mean"]
+    assert m["tstr_ratio"] == (pytest.approx(m["segmenter_synthetic/dice_mean"] / real) if real > 0 else None)
+
+
 @pytest.mark.parametrize("argv,needles", [
     (["--tstr", "-1"], ["--tstr -1: steps must be 0 (skip) or more"]),
+    (["--no-tstr-two-subjects"], ["--no-tstr-two-subjects: applies only with --tstr STEPS"]),
     (["--tstr", "2", "--no-tissue-maps"], ["--tstr 2: needs tissue maps for the samples"]),
 ])
 def test_bad_tstr_flags_are_one_line(ldm, cli, argv, needles):
