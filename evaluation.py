@@ -801,8 +801,8 @@ def segmentation_reference(data_path, size, n=None, steps=SEG_STEPS, seed=0, cac
     train, test = splits or labelled_splits(data_path, size)
     images, _ = train.tensors()
     pick = _pick(len(images), n, np.random.default_rng(seed))
-    rows = "" if two_subjects else "|real"
-    path = _cache_path("segref", SEG_VERSION, data_path, size, cache_dir, f"|{len(pick)}|{steps}|{seed}{rows}")
+    suffix = "" if two_subjects else "|real"
+    path = _cache_path("segref", SEG_VERSION, data_path, size, cache_dir, f"|{len(pick)}|{steps}|{seed}{suffix}")
     fingerprint = _label_fingerprint(train) + _label_fingerprint(test)
     if path.with_suffix(".json").is_file():
         cached = json.loads(path.with_suffix(".json").read_text())

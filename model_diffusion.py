@@ -6,7 +6,8 @@
 - `NoiseSchedule`: the variance-preserving forward process q(x_t | x0) of Ho et al. 2020 with the linear
   or the cosine (Nichol & Dhariwal 2021) schedule, and the conversions between eps, x0 and v (Salimans &
   Ho 2022) predictions.
-- `diffusion_loss`: the simple (unweighted) MSE objective on eps or v, with condition dropout.
+- `diffusion_loss`: the simple MSE objective on eps or v, with condition dropout, optionally min-SNR-gamma
+  weighted (`min_snr_weights`).
 - Samplers as plain functions of an `eps_fn(x_t, t, z)` callable (as in NVlabs/edm): `ddpm_sample`
   (ancestral, Ho et al.), `ddim_sample` (Song et al. 2021), `dpmpp_2m_sample` (DPM-Solver++(2M),
   Lu et al. 2022). `guided` builds the callable from a model with classifier-free guidance, `sample`

@@ -698,7 +698,8 @@ def parse_args(prior, argv):
             s.add_argument("--tstr", type=int, default=0, metavar="STEPS",
                            help="train-on-synthetic / test-on-real: train the segmenter for STEPS steps on the "
                                 "samples and their tissue maps, on as many real pairs, on 2 real subjects with and "
-                                "without the samples; Dice of each on the real test split (0: skip)")
+                                "without the samples (unless --no-tstr-two-subjects); Dice of each on the real test "
+                                "split (0: skip)")
             s.add_argument("--tstr-two-subjects", action=argparse.BooleanOptionalAction, default=True,
                            help="with --tstr: also the rows on 2 real subjects with and without the samples (two "
                                 "of the four segmenter trainings; make demo skips them)")
