@@ -202,7 +202,8 @@ class StageOneTask(tr.Task):
         metrics = evaluation.reconstruction_metrics(self.model, self.val_images, self.val_z, self.device,
                                                     self.config["val_max"])
         # eight slices spread over the first subject's z range: bottom to top of one brain
-        pick = torch.linspace(0, min(len(self.val_images), 32) - 1, 8).round().long()
+        n = min(len(self.val_images), 32)
+        pick = torch.linspace(0, n - 1, min(n, 8)).round().long()  # no repeats when validate has < 8 slices
         images = self.val_images.index_select(0, pick)
         grid = evaluation.reconstruct(self.model, images, self.val_z.index_select(0, pick), self.device)
         util.save_image_grid(torch.cat([util.to_float(images), grid]), run_dir / "samples" / f"recon_{step:07d}.png")

@@ -247,6 +247,9 @@ def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissu
 # Training
 
 
+PREVIEW_SLICES = 8  # slices in each training preview (tests of the 256x256 presets lower it: ~5 s a decode on CPU)
+
+
 class PriorTask(tr.Task):
     """What every prior's Task has: its seeded network, AdamW, the validate split, the frozen stage one."""
 
@@ -271,9 +274,9 @@ class PriorTask(tr.Task):
         opt.step()
 
     def save_preview(self, model, step, run_dir, generator, options):
-        """Decode one draw of `model` for eight z-indices spread bottom to top into run_dir/samples."""
-        cfg = self.config
-        zs = list(range(0, cfg["num_z"], max(1, cfg["num_z"] // 8)))[:8] if cfg["conditional"] else [-1] * 8
+        """Decode one draw of `model` for PREVIEW_SLICES z-indices spread bottom to top into run_dir/samples."""
+        cfg, n = self.config, PREVIEW_SLICES
+        zs = list(range(0, cfg["num_z"], max(1, cfg["num_z"] // n)))[:n] if cfg["conditional"] else [-1] * n
         z = torch.tensor(zs)
         drawn = self.prior.draw(model, cfg, z.to(self.device), generator, 1.0, options)
         images = decode(self.ae, drawn, z, self.device, cfg.get("scale_factor", 1.0))
