@@ -96,16 +96,32 @@ def codebook_usage(counts, prefix="val"):
 
 @torch.no_grad()
 def reconstruction_metrics(model, images_u8, z, device, max_n=None, prefix="val"):
-    """SSIM, MS-SSIM and PSNR of reconstructions of the first `max_n` slices (None or 0: all), plus codebook
-    usage and perplexity for a VQ-VAE."""
+    """SSIM, MS-SSIM and PSNR of reconstructions of the first `max_n` slices (None or 0: all); the SWD per pyramid
+    level between the reconstructions and the slices (`<prefix>/swd_<res>`: texture lost at each scale, 0 when
+    none is; SSIM hardly sees it); codebook usage and perplexity for a VQ-VAE."""
     n = min(len(images_u8), max_n or len(images_u8))
     images_u8, z = images_u8[:n], z[:n]
     recon, x = reconstruct(model, images_u8, z, device), util.to_float(images_u8)
     metrics = {f"{prefix}/ssim": util.ssim(recon, x).mean().item(), f"{prefix}/psnr": util.psnr(recon, x).mean().item(),
                f"{prefix}/ms_ssim": util.ms_ssim(recon, x).mean().item()}
+    if x.shape[-1] >= SWD_MIN_RES:
+        levels = swd(recon, x)
+        metrics.update({f"{prefix}/swd_{key[6:]}": value for key, value in levels.items() if key != "mean"})
     if model.kind == "vqvae":
         metrics.update(codebook_usage(code_counts(model, images_u8, z, device), prefix))
     return metrics
+
+
+def texture_gap(model, train, validate, device, n=192, seed=0):
+    """Per pyramid level, the SWD between reconstructions of `n` random train slices and the validate slices, beside
+    the SWD between those real train slices and validate (the sampling floor): {res: (recon, real, ratio)}.
+    `train`, `validate`: (uint8 images, z). Ratio 1 means the reconstructions keep the texture of real slices."""
+    images, z = train
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    recon = reconstruct(model, images[pick], z[pick], device)
+    real, target = util.to_float(images[pick]), util.to_float(validate[0])
+    ours, floor = swd(recon, target), swd(real, target)
+    return {int(k[6:]): (ours[k], floor[k], ours[k] / max(floor[k], 1e-12)) for k in ours if k != "mean"}
 
 
 # ----------------------------------------------------------------------------------------------

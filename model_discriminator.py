@@ -4,6 +4,8 @@
   slice z-index through a sinusoidal embedding added to every hidden feature map.
 - GAN losses: hinge and non-saturating (softplus) for the discriminator and the generator.
 - `adaptive_gan_weight`: VQGAN's balance between reconstruction and adversarial gradients.
+- `feature_matching_loss`: pix2pixHD's L1 between the discriminator's features of real and fake images.
+- `focal_frequency_loss`: a spectral distance that needs no pretrained network (Jiang et al. 2021).
 - `build_perceptual_loss`: an LPIPS-style VGG16 feature distance when torchvision and cached ImageNet
   weights are available locally (nothing is ever downloaded), else 1 - MS-SSIM, or nothing.
 """
@@ -53,15 +55,17 @@ class PatchDiscriminator(nn.Module):
         self.z_proj = nn.ModuleList([nn.Linear(cond_dim, w) for w in widths]) if self.conditional else None
         self.apply(_pix2pix_init)
 
-    def forward(self, x, z=None):
+    def forward(self, x, z=None, features=False):
+        """Patch logits; with features=True, (logits, [the activation after each hidden layer])."""
         cond = self._condition(z, x) if self.conditional else None
-        h = x
+        h, taps = x, []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = norm(conv(h))
             if cond is not None:
                 h = h + self.z_proj[i](cond)[:, :, None, None]
             h = F.leaky_relu(h, 0.2)
-        return self.head(h)
+            taps.append(h)
+        return (self.head(h), taps) if features else self.head(h)
 
     def _condition(self, z, x):
         """Embedding [B, 4*ch] of z-indices (None/int/tensor; -1 = unknown)."""
@@ -117,12 +121,36 @@ def d_loss(kind, logits_real, logits_fake):
     return D_LOSSES[kind](logits_real, logits_fake)
 
 
+def feature_matching_loss(fake_features, real_features):
+    """pix2pixHD's discriminator feature matching: the mean over layers of the L1 distance between the
+    discriminator's activations on fakes and on (detached) real images."""
+    return torch.stack([(f - r.detach()).abs().mean() for f, r in zip(fake_features, real_features)]).mean()
+
+
 def adaptive_gan_weight(rec_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):
     """VQGAN's ||d rec_loss / d W|| / (||d g_loss / d W|| + eps) at the decoder's last layer W, clamped, detached."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = rec_grad.norm() / (g_grad.norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectral loss
+
+
+def focal_frequency_loss(recon, target, alpha=1.0):
+    """Focal frequency loss (Jiang et al. 2021) per sample [B].
+
+    With D = FFT2(recon) - FFT2(target) (orthonormal, per channel), the loss is the mean over frequencies
+    of w * |D|^2, where w = |D|^alpha scaled by its maximum over each image's spectrum and detached: the
+    frequencies reconstructed worst weigh most. With alpha = 0 (w = 1) it equals the pixel MSE (Parseval).
+    """
+    diff = torch.fft.fft2(recon.float(), norm="ortho") - torch.fft.fft2(target.float(), norm="ortho")
+    dist = diff.real.square() + diff.imag.square()
+    weight = dist.sqrt().pow(alpha).detach()
+    weight = weight / weight.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
+    return (weight * dist).mean(dim=(1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import dataset
 import evaluation
 import trainer as tr
 import util
-from model_discriminator import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, d_loss, generator_loss
+from model_discriminator import (PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, d_loss,
+                                 feature_matching_loss, focal_frequency_loss, generator_loss)
 from model_VAE import build_autoencoder
 from util import UserError
 
@@ -46,12 +47,18 @@ HYPERS = [
       "1 - SSIM)", "loss",
       choices=("auto", "lpips", "msssim", "ssim", "none")),
     H("perceptual_weight", 1.0, "perceptual loss weight", "loss"),
+    H("freq_weight", 0.0, "focal frequency loss weight (Jiang et al. 2021; spectral, no pretrained network; 0: off)",
+      "loss", low=0),
+    H("freq_alpha", 1.0, "focal frequency loss: exponent of the weight on each frequency's error (0: plain MSE)",
+      "loss", low=0),
     H("disc_start", 50000, "step at which the PatchGAN is switched on (after the decoder has learnt the anatomy)",
       "loss"),
     H("disc_weight", 0.5, "GAN loss weight (times the adaptive weight); 0 disables the GAN", "loss"),
     H("disc_ch", 64, "discriminator base width", "loss", low=1),
     H("disc_layers", 3, "discriminator stride-2 layers (its receptive field)", "loss", low=1),
     H("gan_loss", "hinge", "GAN loss", "loss", choices=("hinge", "nonsat")),
+    H("fm_weight", 0.0, "discriminator feature-matching loss weight (pix2pixHD; from disc_start, while the GAN is "
+      "on; 0: off)", "loss", low=0),
     H("kl_weight", 1e-6, "maximum KL weight", "loss", applies="vae"),
     H("kl_cycles", 4, "number of cyclical KL annealing cycles", "loss", applies="vae", low=1),
     H("kl_ramp", 0.5, "fraction of each cycle spent ramping the KL weight up", "loss", applies="vae", high=1),
@@ -157,6 +164,10 @@ class StageOneTask(tr.Task):
         rec, perc = self.reconstruction_loss(recon, x)
         nll = rec + cfg["perceptual_weight"] * perc
         logs = {"loss/rec": rec.detach(), "loss/perc": perc.detach()}
+        if cfg["freq_weight"] > 0:
+            freq = focal_frequency_loss(recon, x, cfg["freq_alpha"]).mean()
+            nll = nll + cfg["freq_weight"] * freq
+            logs["loss/freq"] = freq.detach()
         loss = nll
         if cfg["model"] == "vae":
             kl_w = kl_weight_at(step, cfg["steps"], cfg["kl_weight"], cfg["kl_cycles"], cfg["kl_ramp"])
@@ -172,10 +183,17 @@ class StageOneTask(tr.Task):
             # Disc is neither trained nor weighted before disc_start: early adversarial gradients wreck
             # reconstructions while the decoder is still learning the anatomy.
             with util.autocast(self.device):
-                g = generator_loss(self.nets["disc"](recon, z).float(), cfg["gan_loss"])
+                logits, fake_features = self.nets["disc"](recon, z, features=True)
+                g = generator_loss(logits.float(), cfg["gan_loss"])
             w = adaptive_gan_weight(nll, g, self.model.decoder.last_layer) * cfg["disc_weight"]
             loss = loss + w * g
             logs.update({"loss/g": g.detach(), "w/gan": w.detach()})
+            if cfg["fm_weight"] > 0:
+                with torch.no_grad(), util.autocast(self.device):
+                    real_features = self.nets["disc"](x, z, features=True)[1]
+                fm = feature_matching_loss([f.float() for f in fake_features], [r.float() for r in real_features])
+                loss = loss + cfg["fm_weight"] * fm
+                logs["loss/fm"] = fm.detach()
         opt = self.optimizers["opt"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -82,6 +82,31 @@ def test_swd_is_zero_for_identical_sets_and_grows_with_shift(disc_slices):
         assert out["mean"] > 1.3 * base["mean"], (out, base)
 
 
+class _Blur(torch.nn.Module):
+    """A stand-in autoencoder whose reconstruction is the input (blur=False) or its pyramid blur."""
+
+    kind = "vae"
+
+    def __init__(self, blur):
+        super().__init__()
+        self.blur = blur
+
+    def reconstruct(self, x, z):
+        return ev.pyr_up(ev.pyr_down(x)) if self.blur else x
+
+
+def test_reconstruction_metrics_report_the_swd_per_level(disc_slices):
+    images, z, _ = disc_slices(2)
+    exact = ev.reconstruction_metrics(_Blur(False), images, z, torch.device("cpu"))
+    assert exact["val/swd_32"] == exact["val/swd_16"] == 0.0 and exact["val/ssim"] == pytest.approx(1.0)
+    soft = ev.reconstruction_metrics(_Blur(True), images, z, torch.device("cpu"), prefix="test")
+    x = util.to_float(images)
+    levels = ev.swd(ev.pyr_up(ev.pyr_down(x)).clamp(-1, 1), x)
+    assert soft["test/swd_32"] == pytest.approx(levels["level_32"]) and soft["test/swd_16"] == pytest.approx(
+        levels["level_16"])
+    assert soft["test/swd_32"] > 3 * soft["test/swd_16"] > 0  # a blur loses the finest band most
+
+
 # ----------------------------------------------------------------------------------------------
 # MS-SSIM and diversity
 

@@ -3,6 +3,7 @@ and the perceptual-loss builder (LPIPS-style path with a stand-in torchvision, M
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import model_discriminator as md
 from model_discriminator import (
     MSSSIMLoss, PatchDiscriminator, SSIMLoss, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
-    generator_loss, hinge_d_loss, nonsaturating_d_loss)
+    feature_matching_loss, focal_frequency_loss, generator_loss, hinge_d_loss, nonsaturating_d_loss)
 from util import UserError, ms_ssim
 
 
@@ -49,6 +50,23 @@ def test_unconditional_discriminator_ignores_z():
     disc = PatchDiscriminator(ch=8, conditional=False)
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(disc(x, torch.tensor([0, 1])), disc(x, None))
+
+
+def test_discriminator_features_are_its_hidden_activations_and_feature_matching_by_hand():
+    torch.manual_seed(0)
+    d = PatchDiscriminator(1, ch=8, n_layers=2, conditional=True, num_z=32).eval()
+    x, z = torch.randn(2, 1, 32, 32), torch.tensor([3, 9])
+    logits, taps = d(x, z, features=True)
+    assert torch.equal(logits, d(x, z)) and [t.shape[1] for t in taps] == [8, 16, 32]
+    assert torch.equal(d.head(taps[-1]), logits)  # the last tap is what the head reads
+    other = d(torch.randn(2, 1, 32, 32), z, features=True)[1]
+    expected = sum((a - b).abs().mean() for a, b in zip(other, taps)) / 3
+    torch.testing.assert_close(feature_matching_loss(other, taps), expected)
+    assert feature_matching_loss(taps, taps) == 0
+    fake = torch.randn(2, 1, 32, 32, requires_grad=True)
+    real = torch.randn(2, 1, 32, 32, requires_grad=True)
+    feature_matching_loss(d(fake, z, features=True)[1], d(real, z, features=True)[1]).backward()
+    assert fake.grad.abs().sum() > 0 and real.grad is None  # the real side is a fixed target
 
 
 def test_discriminator_is_per_sample():
@@ -284,3 +302,45 @@ def test_missing_weights_fall_back_without_downloading(monkeypatch, tmp_path):
     assert "not in the local torch hub cache" in description and "nothing is downloaded" in description
     with pytest.raises(UserError, match="not in the local torch hub cache"):
         build_perceptual_loss("lpips")
+
+
+# ----------------------------------------------------------------------------------------------
+# Focal frequency loss
+
+
+def _ffl_numpy(recon, target, alpha):
+    """Jiang et al. 2021 written out with numpy's FFT, one image and channel at a time."""
+    out = []
+    for r, t in zip(recon, target):
+        per_channel = []
+        for rc, tc in zip(r, t):
+            d = np.fft.fft2(rc, norm="ortho") - np.fft.fft2(tc, norm="ortho")
+            dist = np.abs(d) ** 2
+            w = np.abs(d) ** alpha
+            per_channel.append((w / w.max() * dist).mean())
+        out.append(np.mean(per_channel))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_focal_frequency_loss_matches_numpy_fft(alpha):
+    gen = torch.Generator().manual_seed(0)
+    recon, target = torch.rand(3, 2, 16, 12, generator=gen) * 2 - 1, torch.rand(3, 2, 16, 12, generator=gen) * 2 - 1
+    got = focal_frequency_loss(recon, target, alpha)
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got.numpy(), _ffl_numpy(recon.double().numpy(), target.double().numpy(), alpha),
+                               rtol=1e-4)
+    if alpha == 0:  # weight 1 everywhere: Parseval makes it the pixel MSE
+        torch.testing.assert_close(got, (recon - target).square().mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-7)
+
+
+def test_focal_frequency_loss_is_zero_for_identical_images_and_its_weight_is_detached():
+    x = torch.rand(2, 1, 8, 8)
+    assert focal_frequency_loss(x, x.clone()).abs().max() == 0
+    recon = (x + 0.1 * torch.randn(2, 1, 8, 8)).requires_grad_(True)
+    focal_frequency_loss(recon, x, 1.0).sum().backward()
+    # with the weight w held fixed, d/d(recon) of mean(w |D|^2) is a linear map of D; check it by hand
+    d = torch.fft.fft2(recon.detach(), norm="ortho") - torch.fft.fft2(x, norm="ortho")
+    w = d.abs() / d.abs().amax(dim=(-2, -1), keepdim=True)
+    expected = 2 * torch.fft.ifft2(w * d, norm="ortho").real / d[0, 0].numel()
+    torch.testing.assert_close(recon.grad, expected, rtol=1e-4, atol=1e-6)

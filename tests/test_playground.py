@@ -6,6 +6,8 @@ checked on a log that the real trainer wrote.
 
 Run: .venv/bin/python -m pytest -q tests/test_playground.py
 """
+import json
+
 import pytest
 from PIL import Image
 
@@ -78,6 +80,21 @@ def test_codebook_usage_of_a_trained_vqvae(tmp_path, vq_run, cli):
     assert proc.returncode == 0, proc.stderr
     assert "codes used, perplexity" in proc.stdout
     check_png(out)
+
+
+def test_texture_gap_of_a_trained_autoencoder(tmp_path, vq_run, cli):
+    out, table = tmp_path / "texture.png", tmp_path / "t.json"
+    proc = run(cli, ["playground/texture.py", "--ckpt", vq_run / "best.pt", "--device", "cpu", "--n", "40",
+                     "--out", out, "--json", table])
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(table.read_text())
+    assert set(rows) == {"level_32", "level_16"}
+    for row in rows.values():
+        assert row["ratio"] == pytest.approx(row["recon"] / row["real"]) and row["real"] > 0
+    assert f"{rows['level_32']['ratio']:.2f}x" in proc.stdout
+    check_png(out)
+    proc = run(cli, ["playground/texture.py", "--ckpt", vq_run / "best.pt", "--n", "1", "--out", out])
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --n 1: must be at least 2 slices"
 
 
 def test_logger_plots_a_real_training_log(tmp_path, vq_run, cli):

@@ -36,10 +36,35 @@ def test_smoke_run_lowers_reconstruction_loss(tmp_path, tiny_data, model):
     keys = set().union(*records)
     assert {"loss/g", "loss/d", "w/gan", "lr", "images_per_s"} <= keys  # GAN on after disc_start
     assert ("w/kl" in keys) == (model == "vae") and ("val/codebook_usage" in keys) == (model == "vqvae")
+    assert {"val/swd_32", "val/swd_16"} <= keys  # texture lost per pyramid level, logged at every validation
     config = json.loads((out / "config.json").read_text())
     ckpt = util.load_checkpoint(out / "best.pt", kind="stage1")
     assert ckpt["config"]["model"] == config["model"] == model and "perceptual_used" in config
     assert list((out / "samples").glob("recon_*.png"))
+
+
+def test_focal_frequency_loss_is_logged_and_refused_below_zero(tmp_path, tiny_data):
+    out = tmp_path / "ffl"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 4, "--log-every", 1,
+         "--freq-weight", 2.0, "--freq-alpha", 0.5)
+    records = [r for r in util.read_jsonl(out / "log.jsonl") if "loss/rec" in r]
+    assert len(records) == 4 and all(r["loss/freq"] > 0 for r in records)
+    assert util.load_checkpoint(out / "best.pt", kind="stage1")["config"]["freq_weight"] == 2.0
+    with pytest.raises(UserError, match="--freq-weight"):
+        _run("--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--freq-weight", -1)
+    _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "off", "--steps", 2)
+    assert all("loss/freq" not in r for r in util.read_jsonl(tmp_path / "off" / "log.jsonl"))
+
+
+def test_feature_matching_runs_with_the_gan_only(tmp_path, tiny_data):
+    out = tmp_path / "fm"
+    _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 6, "--disc-start", 3,
+         "--log-every", 1, "--fm-weight", 1.0)
+    records = [r for r in util.read_jsonl(out / "log.jsonl") if "loss/rec" in r]
+    assert [("loss/fm" in r) for r in records] == [False] * 3 + [True] * 3  # from disc_start, as the GAN
+    assert all(r["loss/fm"] > 0 for r in records[3:])
+    with pytest.raises(UserError, match="--fm-weight"):
+        _run("--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--fm-weight", -0.5)
 
 
 def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
