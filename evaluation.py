@@ -105,7 +105,7 @@ def reconstruction_metrics(model, images_u8, z, device, max_n=None, prefix="val"
     metrics = {f"{prefix}/ssim": util.ssim(recon, x).mean().item(), f"{prefix}/psnr": util.psnr(recon, x).mean().item(),
                f"{prefix}/ms_ssim": util.ms_ssim(recon, x).mean().item()}
     if x.shape[-1] >= SWD_MIN_RES:
-        levels = swd(recon, x)
+        levels = swd(recon, x, patches_per_image=64, n_proj=256)  # a quarter of the cost: ~0.7 s on 192 slices at 64
         metrics.update({f"{prefix}/swd_{key[6:]}": value for key, value in levels.items() if key != "mean"})
     if model.kind == "vqvae":
         metrics.update(codebook_usage(code_counts(model, images_u8, z, device), prefix))
