@@ -98,7 +98,9 @@ def _probe(cli, out, stop_at, phase, ddp=True):
     if ddp:
         argv = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={cli.free_port()}", *argv]
     proc = cli.run(*argv)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the ranks' own lines first: torchrun's failure report alone fills the tail and hides the cause
+    ranks = [line for line in proc.stderr.splitlines() if "torch/distributed/" not in line]
+    assert proc.returncode == 0, "\n".join(ranks)[:3000] + "\n...\n" + proc.stderr[-1000:]
     return json.loads((out / f"draws_{phase}.json").read_text())
 
 
