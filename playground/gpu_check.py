@@ -84,8 +84,9 @@ def benchmark(device="cuda", monai_path=None, quick=False):
         return json.loads(out.read_text())["results"]
 
 
-def run_parts(parts, kwargs):
-    """{part: result or {"error": ...}}: each part runs on its own, a failure is recorded, not raised."""
+def run_parts(parts, kwargs, after_each=None):
+    """{part: result or {"error": ...}}: each part runs on its own, a failure is recorded, not raised;
+    `after_each(results)` runs after every part (main writes the report then, so a run cut short keeps it)."""
     results = {}
     for name in parts:
         start = time.perf_counter()
@@ -95,6 +96,8 @@ def run_parts(parts, kwargs):
             results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=4)}
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
         print(f"{name}: {'error' if 'error' in results[name] else 'done'} in {results[name]['seconds']} s", flush=True)
+        if after_each is not None:
+            after_each(results)
     return results
 
 
@@ -147,13 +150,17 @@ def main(argv=None):
                         "gives the full presets' counted costs and GPU projections")
     out = util.check_writable(args.out, "--out")
     started = time.time()
-    results = run_parts(args.only, {"benchmark": {"monai_path": args.monai_path}})
-    meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__,
-                date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                total_s=round(time.time() - started, 1))
-    (out / "gpu_check.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    (out / "gpu_check.md").write_text(markdown(results, meta))
-    print(markdown(results, meta))
+
+    def write(results):
+        meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__,
+                    date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    total_s=round(time.time() - started, 1))
+        (out / "gpu_check.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+        (out / "gpu_check.md").write_text(markdown(results, meta))
+        return meta
+
+    results = run_parts(args.only, {"benchmark": {"monai_path": args.monai_path}}, after_each=write)
+    print(markdown(results, write(results)))
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     return 1 if all("error" in r for r in results.values()) else 0
 

@@ -13,7 +13,7 @@ def costs(playground_module):
 
 
 @pytest.fixture(scope="module")
-def check(playground_module):
+def check(playground_module, costs):  # gpu_check imports full_costs as a sibling, loaded by `costs`
     return playground_module("gpu_check")
 
 
@@ -91,11 +91,13 @@ def test_gpu_check_refuses_on_cpu_in_one_line(cli, tmp_path):
 
 
 def test_gpu_check_parts_run_on_cpu_and_make_one_report(check):
+    seen = []  # the report is rewritten after every part, so a run cut short keeps what it measured
     results = check.run_parts(["step_rates", "stage_one_run", "benchmark"], {
         "step_rates": dict(device="cpu", preset="smoke", trainers=["pixelcnn"], repeats=1, compiled=()),
         "stage_one_run": dict(device="cpu", preset="smoke", size=32, steps=4),
         "benchmark": dict(device="cpu", quick=True, no_such_option=1),  # a part that fails is recorded
-    })
+    }, after_each=lambda r: seen.append(list(r)))
+    assert seen == [["step_rates"], ["step_rates", "stage_one_run"], ["step_rates", "stage_one_run", "benchmark"]]
     rates = results["step_rates"]["result"]
     assert [(r["trainer"], r["amp"], r["compile"]) for r in rates] == [("pixelcnn", False, False)] * 2  # no bf16 on CPU
     run = results["stage_one_run"]["result"]
