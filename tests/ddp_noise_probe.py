@@ -66,9 +66,11 @@ def main():
         (out / f"draws_{phase}.json").write_text(json.dumps(draws))
     tr.cleanup_distributed(task)
     # Skip interpreter finalisation: gloo's worker threads can still hold tensors then, and releasing them
-    # without a live interpreter aborts the process now and then (SIGABRT, pytorch/pytorch#179291) after all
-    # the work above is done; one such abort turned CI red. What this probe checks is written by now.
+    # without a live interpreter can abort the process (SIGABRT; a similar symptom is discussed in the abandoned
+    # pytorch/pytorch PR #179291) after all the work above is done; one such abort turned CI red. What this
+    # probe checks is written by now.
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
