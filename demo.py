@@ -6,6 +6,8 @@ Commands:
                                    # test-on-real segmentation), plots
     python demo.py --model vae     # stage one as a VAE (the PixelCNN step is skipped: it needs codes)
     python demo.py --out runs/demo2 --seed 1
+    python demo.py --size 128      # the same at 128x128 (data/embedded_128, runs/demo128): stage one gets one more
+                                   # level, so its latents are 16x16 as at 64 and stage two costs what it costs there
 
 Each step is the command a user would type, printed before it runs. A step whose output already
 exists is skipped (delete runs/demo, or `make clean-demo`, to redo everything), so an interrupted
@@ -40,60 +42,85 @@ def step(name, argv, done_when, timings):
         sys.exit(proc.returncode)
 
 
-def main(argv=None):
-    """Run the pipeline end to end."""
+# --size 128: one more stage-one level (8x downsampling), so stage two sees the 16x16 latents it sees at 64
+STAGE_ONE_AT = {64: [], 128: ["--size", 128, "--ch-mult", "1,2,4,4"]}
+
+
+def parse_args(argv=None):
+    """The demo's flags; --out and --data default by --size."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["vqvae", "vae"], default="vqvae", help="stage-one autoencoder")
-    p.add_argument("--out", default="runs/demo", help="folder for every run, sample and figure")
-    p.add_argument("--data", default="data/embedded_64", help="dataset folder (built here if missing)")
+    p.add_argument("--size", type=int, choices=sorted(STAGE_ONE_AT), default=64,
+                   help="slice size: 64 (make demo, ~25 min) or 128 (stage one 8x down to 16x16 latents, ~80 min)")
+    p.add_argument("--out", default=None, help="folder for every run, sample and figure [runs/demo; "
+                   "runs/demo128 at --size 128]")
+    p.add_argument("--data", default=None, help="dataset folder, built here if missing [data/embedded_<size>]")
     p.add_argument("--seed", type=int, default=0, help="seed of every step")
     args = p.parse_args(argv)
-    out, data = Path(args.out), Path(args.data)
-    out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    args.out = Path(args.out or ("runs/demo" if args.size == 64 else f"runs/demo{args.size}"))
+    args.data = Path(args.data or f"data/embedded_{args.size}")
+    return args
+
+
+def plan(args):
+    """The pipeline as (name, argv, output that marks it done) triples, in order."""
+    out, data = args.out, args.data
     stage1, ldm, prior = out / f"stage1-{args.model}", out / "ldm", out / "pixelcnn"
     seed = ["--seed", args.seed]
-
-    step("build embedded dataset", ["dataset.py", "build-demo", "--out", data, "--size", 64, "--seed", args.seed],
-         data / "keras_png_slices_train", timings)
-    step("stage one", ["prestage_train.py", "--model", args.model, "--preset", "demo", "--data", data,
-                       "--out", stage1, *seed], stage1 / "best.pt", timings)
-    step("stage one: test metrics", ["prestage_train.py", "--eval-only", "--split", "test", "--ckpt",
+    steps = [
+        ("build embedded dataset", ["dataset.py", "build-demo", "--out", data, "--size", args.size,
+                                    "--seed", args.seed], data / "keras_png_slices_train"),
+        ("stage one", ["prestage_train.py", "--model", args.model, "--preset", "demo", *STAGE_ONE_AT[args.size],
+                       "--data", data, "--out", stage1, *seed], stage1 / "best.pt"),
+        ("stage one: test metrics", ["prestage_train.py", "--eval-only", "--split", "test", "--ckpt",
                                      stage1 / "best.pt", "--out-json", out / "metrics_stage1_test.json"],
-         out / "metrics_stage1_test.json", timings)
-    step("latent diffusion", ["stable_diffusion.py", "train", "--ae", stage1 / "best.pt", "--preset", "demo",
-                              "--out", ldm, *seed], ldm / "best.pt", timings)
+         out / "metrics_stage1_test.json"),
+        ("latent diffusion", ["stable_diffusion.py", "train", "--ae", stage1 / "best.pt", "--preset", "demo",
+                              "--out", ldm, *seed], ldm / "best.pt"),
+    ]
     # DPM-Solver++ in 20 steps: 2.5x faster than DDIM 50; SWD within 2%, FD and z-MAE within 6% (docs/RESULTS.md)
     sampler = ["--sampler", "dpmpp", "--steps", 20]
-    step("diffusion samples", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--n", 2, "--z", "0..31",
-                               *sampler, "--out", out / "samples_ldm.png",
-                               "--gif", out / "denoising.gif", *seed], out / "samples_ldm.png", timings)
-    step("whole subjects", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--subjects", 2, *sampler,
-                            "--out", out / "subjects", *seed], out / "subjects" / "subjects.png",
-         timings)
-    # 16 subjects: the slices of 4 whole brains cover the data too thinly for a stable SWD (docs/RESULTS.md)
     # --tstr: a segmenter trained on the samples and their tissue maps, scored on real test slices (README); the
     # demo's reduced form (200 steps, no rows on 2 real subjects) takes 2 segmenter trainings of 4, each half as long
     tstr = ["--tstr", 200, "--no-tstr-two-subjects"]
-    step("diffusion metrics", ["stable_diffusion.py", "evaluate", "--ckpt", ldm / "best.pt", *sampler,
-                               "--n", 16, *tstr, "--out", out / "metrics_ldm.json", *seed],
-         out / "metrics_ldm.json", timings)
+    steps += [
+        ("diffusion samples", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--n", 2, "--z", "0..31",
+                               *sampler, "--out", out / "samples_ldm.png", "--gif", out / "denoising.gif", *seed],
+         out / "samples_ldm.png"),
+        ("whole subjects", ["stable_diffusion.py", "sample", "--ckpt", ldm / "best.pt", "--subjects", 2, *sampler,
+                            "--out", out / "subjects", *seed], out / "subjects" / "subjects.png"),
+        # 16 subjects: the slices of 4 whole brains cover the data too thinly for a stable SWD (docs/RESULTS.md)
+        ("diffusion metrics", ["stable_diffusion.py", "evaluate", "--ckpt", ldm / "best.pt", *sampler,
+                               "--n", 16, *tstr, "--out", out / "metrics_ldm.json", *seed], out / "metrics_ldm.json"),
+    ]
     runs = [stage1, ldm]
     if args.model == "vqvae":
-        step("PixelCNN prior", ["pixelCNN.py", "train", "--ae", stage1 / "best.pt", "--preset", "demo",
-                                "--out", prior, *seed], prior / "best.pt", timings)
         # guidance 2 halved the z-index error of the demo prior's samples (README, Results)
         guide = ["--guidance", 2]
-        step("PixelCNN samples", ["pixelCNN.py", "sample", "--ckpt", prior / "best.pt", "--n", 2, "--z", "0..31",
-                                  *guide, "--out", out / "samples_pixelcnn.png", *seed], out / "samples_pixelcnn.png",
-             timings)
-        step("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 16, *guide, *tstr,
-                                  "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json",
-             timings)
+        steps += [
+            ("PixelCNN prior", ["pixelCNN.py", "train", "--ae", stage1 / "best.pt", "--preset", "demo",
+                                "--out", prior, *seed], prior / "best.pt"),
+            ("PixelCNN samples", ["pixelCNN.py", "sample", "--ckpt", prior / "best.pt", "--n", 2, "--z", "0..31",
+                                  *guide, "--out", out / "samples_pixelcnn.png", *seed], out / "samples_pixelcnn.png"),
+            ("PixelCNN metrics", ["pixelCNN.py", "evaluate", "--ckpt", prior / "best.pt", "--n", 16, *guide, *tstr,
+                                  "--out", out / "metrics_pixelcnn.json", *seed], out / "metrics_pixelcnn.json"),
+        ]
         runs.append(prior)
-    step("training curves", ["logger.py", *runs, "--out", out / "curves.png", "--smooth", 3], None, timings)
-    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    steps.append(("training curves", ["logger.py", *runs, "--out", out / "curves.png", "--smooth", 3], None))
+    return steps, stage1
+
+
+def main(argv=None):
+    """Run the pipeline end to end."""
+    args = parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    steps, stage1 = plan(args)
+    for name, cmd, done_when in steps:
+        step(name, cmd, done_when, timings)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")  # after each step: a resumed demo keeps them
 
     print(f"\nDemo finished in {sum(timings.values()):.0f}s of steps run now ({timings_path}).")
     print("Figures:")
