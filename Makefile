@@ -21,4 +21,4 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 clean-demo:
-	rm -rf runs/demo data/embedded_64
+	rm -rf runs/demo data/embedded_64 runs/demo128 data/embedded_128
