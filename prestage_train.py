@@ -56,6 +56,8 @@ HYPERS = [
     H("disc_weight", 0.5, "GAN loss weight (times the adaptive weight); 0 disables the GAN", "loss"),
     H("disc_ch", 64, "discriminator base width", "loss", low=1),
     H("disc_layers", 3, "discriminator stride-2 layers (its receptive field)", "loss", low=1),
+    H("disc_lr_mult", 1.0, "discriminator learning rate as a multiple of --lr, on the same schedule (two time-scale "
+      "update rule, Heusel et al. 2017)", "loss", low=1e-3),
     H("gan_loss", "hinge", "GAN loss", "loss", choices=("hinge", "nonsat")),
     H("fm_weight", 0.0, "discriminator feature-matching loss weight (pix2pixHD; from disc_start, while the GAN is "
       "on; 0: off)", "loss", low=0),
@@ -143,6 +145,7 @@ class StageOneTask(tr.Task):
                                            config["num_z"]).to(device)
             self.models["disc"] = self.disc
             self.optimizers["opt_disc"] = torch.optim.Adam(self.disc.parameters(), lr=config["lr"], betas=(0.5, 0.9))
+            self.lr_scale["opt_disc"] = config["disc_lr_mult"]
             self.trained = ("model", "disc")
 
     def extra_state(self):

@@ -388,6 +388,7 @@ class Task:
     def __init__(self):
         self.models = {}      # name -> nn.Module (saved unwrapped)
         self.optimizers = {}  # name -> optimizer (the Trainer sets every one's learning rate before each step)
+        self.lr_scale = {}    # optimizer name -> multiple of the scheduled rate it runs at (default 1)
         self.trained = ("model",)  # the models a train_step runs forward and backward
         self.nets = {}        # name -> the trained model as train_step calls it (DDP / compiled), set by the Trainer
 
@@ -719,8 +720,8 @@ class Trainer:
         while self.step < total:
             batch = self.next_batch()
             lr = lr_at(self.step, cfg)
-            for opt in self.task.optimizers.values():
-                set_lr(opt, lr)
+            for name, opt in self.task.optimizers.items():
+                set_lr(opt, lr * self.task.lr_scale.get(name, 1.0))
             losses = self.task.train_step(batch, self.step)
             losses["lr"] = lr
             self.check_finite(losses)

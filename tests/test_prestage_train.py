@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import prestage_train
+import trainer
 import util
 from util import UserError
 
@@ -65,6 +66,18 @@ def test_feature_matching_runs_with_the_gan_only(tmp_path, tiny_data):
     assert all(r["loss/fm"] > 0 for r in records[3:])
     with pytest.raises(UserError, match="--fm-weight"):
         _run("--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--fm-weight", -0.5)
+
+
+def test_disc_lr_mult_scales_the_discriminator_rate_only(tmp_path, tiny_data):
+    out = tmp_path / "ttur"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 5, "--disc-start", 2,
+         "--disc-lr-mult", 4.0)
+    state = util.load_checkpoint(out / "last.pt")
+    lr, lr_disc = state["opt"]["param_groups"][0]["lr"], state["opt_disc"]["param_groups"][0]["lr"]
+    last = trainer.lr_at(state["step"] - 1, state["config"])  # the rate of the last step taken
+    assert lr == pytest.approx(last) and lr_disc == pytest.approx(4.0 * last) and last > 0
+    with pytest.raises(UserError, match="--disc-lr-mult"):
+        _run("--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--disc-lr-mult", 0)
 
 
 def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
