@@ -31,13 +31,14 @@ class PatchDiscriminator(nn.Module):
     and leak batch composition into the judgement; GroupNorm is per-sample and identical in train/eval.
     """
 
-    def __init__(self, in_channels=1, ch=64, n_layers=3, conditional=False, num_z=32):
+    def __init__(self, in_channels=1, ch=64, n_layers=3, conditional=False, num_z=32, highpass=False):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         self.config = dict(in_channels=in_channels, ch=ch, n_layers=n_layers, conditional=bool(conditional),
-                           num_z=num_z)
+                           num_z=num_z, highpass=bool(highpass))
         self.conditional = bool(conditional)
+        self.highpass = bool(highpass)
         widths = [ch * min(2**i, 8) for i in range(n_layers + 1)]
         # n_layers stride-2 convs, then one stride-1 conv, as in pix2pix
         strides = [2] * n_layers + [1]
@@ -58,7 +59,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x, z=None, features=False):
         """Patch logits; with features=True, (logits, [the activation after each hidden layer])."""
         cond = self._condition(z, x) if self.conditional else None
-        h, taps = x, []
+        h, taps = (high_frequencies(x) if self.highpass else x), []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = norm(conv(h))
             if cond is not None:
@@ -75,6 +76,12 @@ class PatchDiscriminator(nn.Module):
             z = torch.full((x.shape[0],), int(z), dtype=torch.long)
         z = z.to(device=x.device, dtype=torch.long).reshape(-1).expand(x.shape[0])
         return F.silu(self.z_embed(z))
+
+
+def high_frequencies(x):
+    """The finest band of x: x minus its 3x3 local mean (edges averaged over the pixels inside), so a constant
+    image maps to zero. A discriminator that sees only this judges texture, not anatomy."""
+    return x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
 def _pix2pix_init(module):

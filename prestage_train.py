@@ -56,6 +56,8 @@ HYPERS = [
     H("disc_weight", 0.5, "GAN loss weight (times the adaptive weight); 0 disables the GAN", "loss"),
     H("disc_ch", 64, "discriminator base width", "loss", low=1),
     H("disc_layers", 3, "discriminator stride-2 layers (its receptive field)", "loss", low=1),
+    H("disc_highpass", False, "the discriminator sees only the finest band (each image minus its 3x3 local mean), "
+      "so it judges texture and not anatomy", "loss"),
     H("disc_lr_mult", 1.0, "discriminator learning rate as a multiple of --lr, on the same schedule (two time-scale "
       "update rule, Heusel et al. 2017)", "loss", low=1e-3),
     H("gan_loss", "hinge", "GAN loss", "loss", choices=("hinge", "nonsat")),
@@ -142,7 +144,7 @@ class StageOneTask(tr.Task):
         self.use_gan = config["disc_weight"] > 0 and config["disc_start"] < config["steps"]
         if self.use_gan:
             self.disc = PatchDiscriminator(1, config["disc_ch"], config["disc_layers"], config["conditional"],
-                                           config["num_z"]).to(device)
+                                           config["num_z"], highpass=config["disc_highpass"]).to(device)
             self.models["disc"] = self.disc
             self.optimizers["opt_disc"] = torch.optim.Adam(self.disc.parameters(), lr=config["lr"], betas=(0.5, 0.9))
             self.lr_scale["opt_disc"] = config["disc_lr_mult"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import model_discriminator as md
 from model_discriminator import (
     MSSSIMLoss, PatchDiscriminator, SSIMLoss, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
-    feature_matching_loss, focal_frequency_loss, generator_loss, hinge_d_loss, nonsaturating_d_loss)
+    feature_matching_loss, focal_frequency_loss, generator_loss, high_frequencies, hinge_d_loss, nonsaturating_d_loss)
 from util import UserError, ms_ssim
 
 
@@ -344,3 +344,19 @@ def test_focal_frequency_loss_is_zero_for_identical_images_and_its_weight_is_det
     w = d.abs() / d.abs().amax(dim=(-2, -1), keepdim=True)
     expected = 2 * torch.fft.ifft2(w * d, norm="ortho").real / d[0, 0].numel()
     torch.testing.assert_close(recon.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_highpass_discriminator_ignores_brightness_and_sees_the_finest_band():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32)
+    band = high_frequencies(x)
+    # independent computation: each pixel minus the mean of its in-image 3x3 neighbourhood
+    padded = np.pad(x.numpy()[0, 0], 1, constant_values=np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3))
+    assert np.allclose(band.numpy()[0, 0], x.numpy()[0, 0] - np.nanmean(windows, axis=(-2, -1)), atol=1e-6)
+    disc = PatchDiscriminator(ch=8, n_layers=2, highpass=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(disc(x + 0.3), disc(x), atol=1e-5)  # a constant offset has no finest band
+        plain = PatchDiscriminator(ch=8, n_layers=2).eval()
+        assert not torch.allclose(plain(x + 0.3), plain(x), atol=1e-5)
+

@@ -80,6 +80,16 @@ def test_disc_lr_mult_scales_the_discriminator_rate_only(tmp_path, tiny_data):
         _run("--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--disc-lr-mult", 0)
 
 
+def test_highpass_discriminator_trains_and_resumes_as_built(tmp_path, tiny_data):
+    out = tmp_path / "hp"
+    _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 4, "--disc-start", 2,
+         "--log-every", 1, "--disc-highpass")
+    assert all("loss/d" in r for r in util.read_jsonl(out / "log.jsonl") if r["step"] > 2 and "loss/rec" in r)
+    assert util.load_checkpoint(out / "last.pt")["config"]["disc_highpass"] is True
+    _run("--resume", out, "--steps", 6)  # the discriminator is rebuilt with the high-pass input it was saved with
+    assert util.load_checkpoint(out / "last.pt")["step"] == 6
+
+
 def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
     out = tmp_path / "r"
     _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 6, "--disc-start", 4,
