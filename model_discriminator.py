@@ -1,7 +1,8 @@
 """Adversarial and perceptual parts of the stage-one objective (VQGAN / LDM style).
 
 - `PatchDiscriminator`: pix2pix PatchGAN (4x4 convs, LeakyReLU 0.2) with GroupNorm, optionally told the
-  slice z-index through a sinusoidal embedding added to every hidden feature map.
+  slice z-index through a sinusoidal embedding added to every hidden feature map; with highpass=True it sees
+  only each image's finest band (`high_frequencies`), so it judges texture and cannot settle on anatomy.
 - GAN losses: hinge and non-saturating (softplus) for the discriminator and the generator.
 - `adaptive_gan_weight`: VQGAN's balance between reconstruction and adversarial gradients.
 - `feature_matching_loss`: pix2pixHD's L1 between the discriminator's features of real and fake images.
