@@ -30,6 +30,8 @@ from module import ConditionEmbedding
 
 # Temperatures at or below this are treated as 0: greedy (argmax) sampling.
 GREEDY_TEMPERATURE = 1e-4
+# Position features of a model with `position`: sin and cos of 4 frequencies of the row and of the column.
+POSITION_FEATURES = 16
 
 
 # ------------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ def _shift_down(x):
 class GatedLayer(nn.Module):
     """One gated PixelCNN layer: vertical stack, vertical->horizontal link, horizontal stack, skip output."""
 
-    def __init__(self, hidden, kernel_size, first, cond_dim=0, dropout=0.0):
+    def __init__(self, hidden, kernel_size, first, cond_dim=0, dropout=0.0, pos_dim=0):
         super().__init__()
         self.pad = kernel_size // 2
         self.first = first
@@ -69,13 +71,18 @@ class GatedLayer(nn.Module):
         self.h_out = nn.Conv2d(hidden, hidden, 1)
         self.skip = nn.Conv2d(hidden, hidden, 1)
         self.cond_proj = nn.Linear(cond_dim, 4 * hidden) if cond_dim else None
+        self.pos_proj = nn.Conv2d(pos_dim, 4 * hidden, 1) if pos_dim else None
         self.dropout = nn.Dropout(dropout)
 
-    def cond_terms(self, cond):
-        """Per-stack condition biases [B, 2H, 1, 1] (V_f c, V_g c) for the vertical and horizontal stack."""
-        if self.cond_proj is None or cond is None:
-            return 0.0, 0.0
-        v, h = self.cond_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
+    def cond_terms(self, cond, pos=None):
+        """Per-stack condition biases (V_f c, V_g c) for the vertical and horizontal stack: [B, 2H, 1, 1] from the
+        z condition plus [1, 2H, h, w] from the position features `pos` where the model has them (or 0.0)."""
+        v = h = 0.0
+        if self.cond_proj is not None and cond is not None:
+            v, h = self.cond_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
+        if self.pos_proj is not None:
+            pv, ph = self.pos_proj(pos).chunk(2, dim=1)
+            v, h = v + pv, h + ph
         return v, h
 
     def vertical_pre(self, v, pad_top):
@@ -113,11 +120,17 @@ class GatedPixelCNN(nn.Module):
     `kernel_size` k (each layer reaches k//2 rows up and k//2 columns to each side), `conditional` on the
     z-index, `cond_dim` width of its embedding (default `hidden`), `dropout` in the horizontal stack.
     `num_z` (number of z-indices) is recorded for the callers only: the sinusoidal z code needs no table.
+    With `position` every layer is also conditioned on where it is in the grid (location-dependent conditioning,
+    van den Oord et al. 2016 section 2.3: a 1x1 convolution of sinusoids of the row and column, which a model
+    with only zero padding to go by can infer only near the border). With `code_dim` D the model also sees each code's stage-one vector (a [K, D] buffer set by
+    `set_code_vectors`): the input embedding and the output layer's row of every code are a learned function
+    of that vector plus a per-code table that starts at zero, so codes close in the codebook share what the
+    prior learns about each of them (1024 codes over ~1.7k training grids: most are rare at every position).
     The grid size is free: one model handles 16x16 and 32x32 grids alike.
     """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
-                 cond_dim=None, dropout=0.0):
+                 cond_dim=None, dropout=0.0, code_dim=None, position=False):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
@@ -126,19 +139,55 @@ class GatedPixelCNN(nn.Module):
         cond_dim = (cond_dim or hidden) if conditional else 0
         self.config = dict(n_codes=int(n_codes), hidden=int(hidden), n_layers=int(n_layers),
                            kernel_size=int(kernel_size), conditional=bool(conditional), num_z=int(num_z),
-                           cond_dim=int(cond_dim) or None, dropout=float(dropout))
+                           cond_dim=int(cond_dim) or None, dropout=float(dropout),
+                           code_dim=int(code_dim) if code_dim else None, position=bool(position))
         self.n_codes = n_codes
         self.embedding = nn.Embedding(n_codes, hidden)
         self.cond_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
         self.layers = nn.ModuleList(
-            GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout)
+            GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout,
+                       pos_dim=POSITION_FEATURES if position else 0)
             for i in range(n_layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
                                   nn.Conv2d(hidden, n_codes, 1))
+        self.code_in = self.code_out = None
+        if code_dim:
+            self.register_buffer("code_vectors", torch.zeros(n_codes, code_dim))
+            self.code_in, self.code_out = (nn.Sequential(nn.Linear(code_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+                                           for _ in range(2))
+            nn.init.zeros_(self.embedding.weight)  # the per-code tables start as the function of the vectors
+            nn.init.zeros_(self.head[3].weight)
+
+    def positions(self, h, w):
+        """Position features [1, POSITION_FEATURES, h, w] (sin, cos of pi k u for k = 1..F/4 of the row and column
+        coordinates u in [0, 1]), or None for a model without them."""
+        if not self.config["position"]:
+            return None
+        device = self.embedding.weight.device
+        k = torch.arange(1, POSITION_FEATURES // 4 + 1, device=device, dtype=torch.float32)
+        rows, cols = (torch.linspace(0, 1, n, device=device)[:, None] * k * math.pi for n in (h, w))
+        rows, cols = torch.cat([rows.sin(), rows.cos()], 1), torch.cat([cols.sin(), cols.cos()], 1)
+        return torch.cat([rows.t()[:, :, None].expand(-1, h, w), cols.t()[:, None, :].expand(-1, h, w)])[None]
+
+    def set_code_vectors(self, codebook):
+        """Store the stage-one codebook [K, D], standardised per dimension (its scale is the autoencoder's)."""
+        codebook = codebook.detach().float()
+        self.code_vectors.copy_((codebook - codebook.mean(0)) / codebook.std(0).clamp_min(1e-8))
+
+    def input_table(self):
+        """Embedding of every code, [K, hidden]."""
+        table = self.embedding.weight
+        return table if self.code_in is None else table + self.code_in(self.code_vectors)
+
+    def output_layer(self):
+        """Weight [K, hidden] and bias [K] of the head's last (1x1) layer: one row per code."""
+        last = self.head[3]
+        weight = last.weight.flatten(1)
+        return (weight if self.code_out is None else weight + self.code_out(self.code_vectors)), last.bias
 
     def embed(self, indices):
         """Code indices [B, h, w] -> embedded grid [B, hidden, h, w]."""
-        return self.embedding(indices).permute(0, 3, 1, 2)
+        return F.embedding(indices, self.input_table()).permute(0, 3, 1, 2)
 
     def condition(self, z, batch):
         """Condition vector [B, cond_dim] for z-indices (-1 = unknown), or None for an unconditional model."""
@@ -150,21 +199,22 @@ class GatedPixelCNN(nn.Module):
 
     def vertical_links(self, x, cond):
         """Run the vertical stack on embedded rows; returns each layer's link [B, 2H, rows, w]."""
-        links, v = [], x
+        links, v, pos = [], x, self.positions(*x.shape[-2:])
         for layer in self.layers:
-            cond_v, _ = layer.cond_terms(cond)
+            cond_v, _ = layer.cond_terms(cond, pos)
             v, link = layer.vertical(v, cond_v)
             links.append(link)
         return links
 
     def horizontal_logits(self, x, links, cond):
         """Run the horizontal stack and the head given the vertical links; returns logits [B, K, rows, cols]."""
-        h, skips = x, 0.0
+        h, skips, pos = x, 0.0, self.positions(*x.shape[-2:])
         for layer, link in zip(self.layers, links):
-            _, cond_h = layer.cond_terms(cond)
+            _, cond_h = layer.cond_terms(cond, pos)
             h, skip = layer.horizontal(h, link, cond_h)
             skips = skips + skip
-        return self.head(skips)
+        weight, bias = self.output_layer()
+        return F.conv2d(self.head[:3](skips), weight[:, :, None, None], bias)
 
     def forward_embedded(self, x, z):
         """Logits from an already embedded grid [B, hidden, h, w] (lets tests take gradients w.r.t. inputs)."""
@@ -249,10 +299,12 @@ class _RasterCache:
     def __init__(self, model, x, cond):
         self.model, self.x, self.pad = model, x, model.layers[0].pad
         batch, hidden, h, w = x.shape
-        self.terms = [layer.cond_terms(cond) for layer in model.layers]
+        pos = model.positions(h, w)
+        self.terms = [layer.cond_terms(cond, pos) for layer in model.layers]
         self.vs = [x.new_zeros(batch, hidden, h, w) for _ in model.layers]
         self.hs = [x.new_zeros(batch, hidden, 1, w) for _ in model.layers]
         self.links, self.row = None, -1
+        self.out_weight, self.out_bias = model.output_layer()  # constant while sampling: computed once
 
     def start_row(self, i):
         """Advance the vertical stack by the completed row i-1 and set the links into row i."""
@@ -265,7 +317,7 @@ class _RasterCache:
             for layer, v, (cond_v, _) in zip(self.model.layers, self.vs, self.terms):
                 pre = layer.vertical_pre(below[:, :, lo: r + 1], pad_top=p - (r - lo))
                 self.links.append(layer.link(pre))
-                v[:, :, r: r + 1] = _gate(pre + cond_v)
+                v[:, :, r: r + 1] = _gate(pre + _at(cond_v, r))
                 below = v
         self.row = i
 
@@ -278,13 +330,13 @@ class _RasterCache:
             window = F.pad(h_prev[..., lo:hi], (p - (j - lo), 0, 0, 0))
             # One column at a time the convolutions are matrix products; F.linear avoids the per-call setup
             # of a convolution primitive, which dominated sampling time.  Mirrors GatedLayer.horizontal_out.
-            pre = _as_linear(layer.h_conv, window) + link[:, :, 0, j] + _flat(cond_h)
+            pre = _as_linear(layer.h_conv, window) + link[:, :, 0, j] + _at(cond_h, self.row, j)
             out = _gate(pre)
             h_next = _as_linear(layer.h_out, out) + (0.0 if layer.first else h_prev[:, :, 0, j])
             h[:, :, 0, j] = h_next
             skips, h_prev = skips + _as_linear(layer.skip, out), h
-        head = self.model.head  # ReLU, 1x1 conv, ReLU, 1x1 conv
-        return _as_linear(head[3], F.relu(_as_linear(head[1], F.relu(skips))))
+        hidden = F.relu(_as_linear(self.model.head[1], F.relu(skips)))  # the head: ReLU, 1x1, ReLU, output layer
+        return F.linear(hidden, self.out_weight, self.out_bias)
 
 
 def _as_linear(conv, x):
@@ -292,13 +344,18 @@ def _as_linear(conv, x):
     return F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias)
 
 
-def _flat(cond_term):
-    """A per-layer condition term ([B, 2H, 1, 1] or the scalar 0.0 without condition) as [B, 2H] or 0.0."""
-    return cond_term.flatten(1) if torch.is_tensor(cond_term) else cond_term
+def _at(term, row, col=None):
+    """A per-layer condition term ([B or 1, 2H, 1 or h, 1 or w], or the scalar 0.0 without condition) at one row
+    ([.., 2H, 1, 1 or w]) or, given `col`, at one position ([B or 1, 2H])."""
+    if not torch.is_tensor(term):
+        return term
+    term = term[:, :, row: row + 1] if term.shape[2] > 1 else term
+    return term if col is None else term[:, :, 0, col if term.shape[3] > 1 else 0]
 
 
 def _fill_raster(model, caches, codes, x, temperature, generator, guidance, top_k=0, top_p=1.0):
     """Fill `codes` (and its embedding `x`, which the caches read) position by position in raster order."""
+    table = model.input_table()
     for i in range(codes.shape[1]):
         for cache in caches:
             cache.start_row(i)
@@ -308,7 +365,7 @@ def _fill_raster(model, caches, codes, x, temperature, generator, guidance, top_
                 logits[0] = logits[1] + guidance * (logits[0] - logits[1])
             picked = _draw(logits[0], temperature, generator, top_k, top_p)
             codes[:, i, j] = picked
-            x[:, :, i, j] = model.embedding(picked)
+            x[:, :, i, j] = table[picked]
     return codes
 
 

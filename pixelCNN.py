@@ -26,6 +26,10 @@ HYPERS = [
     H("n_layers", 15, "gated layers (first is type A, the rest type B)", "model", low=1),
     H("kernel_size", 5, "odd kernel size of the masked convolutions", "model", low=3),
     H("dropout", 0.0, "dropout in the gated layers", "model", high=1),
+    H("position", False, "condition every layer on its position in the grid (sinusoids of row and column, "
+      "location-dependent conditioning as in van den Oord et al. 2016)", "model"),
+    H("code_features", False, "embed and predict each code through a learned function of its stage-one codebook "
+      "vector (plus a per-code table), so codes close in the codebook share what the prior learns", "model"),
     H("sample_every", 1, "write a sample grid every N validations", "output", low=1),
     *stage_two.prior_hypers(steps=100000, batch_size=64, lr=3e-4, warmup=1000, lr_schedule="cosine",
                             log_every=100, val_every=5000, ckpt_every=5000),
@@ -46,6 +50,11 @@ class PixelCNNTask(stage_two.PriorTask):
 
     select_metric = ("val/bits_per_code", "min")
     items_name = "grids"
+
+    def __init__(self, prior, config, device, ae, cache):
+        super().__init__(prior, config, device, ae, cache)
+        if config["code_features"]:  # a resumed run's state dict brings the same vectors back
+            self.model.set_code_vectors(ae.quantizer.codebook)
 
     def extra_state(self):
         return {**super().extra_state(), "grid": list(self.config["grid"])}
@@ -81,18 +90,21 @@ class PixelCNNPrior(stage_two.Prior):
     cache_what, cache_file, needs_codes = "indices", "codes.pt", True
     sample_out = "samples_pixelcnn.png"
     derived = [("grid", lambda v: tr.is_shape(v, 2), "[height, width]"),
-               ("n_codes", lambda v: tr.is_whole(v, 2), "a whole number >= 2")]
+               ("n_codes", lambda v: tr.is_whole(v, 2), "a whole number >= 2"),
+               ("code_dim", lambda v: v is None or tr.is_whole(v), "a whole number >= 1 (or absent)")]
     hypers, presets, task, doc = HYPERS, PRESETS, PixelCNNTask, __doc__
 
     def summary(self, config):
         return f"codes {config['grid']} of {config['n_codes']}"
 
     def complete_config(self, config, cache, ae):
-        config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed)
+        config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed, code_dim=ae.quantizer.embed_dim)
 
     def build(self, config):
+        kwargs = tr.model_kwargs(HYPERS, config)
+        code_dim = config["code_dim"] if kwargs.pop("code_features") else None
         return GatedPixelCNN(config["n_codes"], conditional=config["conditional"], num_z=config["num_z"],
-                             **tr.model_kwargs(HYPERS, config))
+                             code_dim=code_dim, **kwargs)
 
     def add_sample_args(self, parser):
         parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (near 0: greedy)")

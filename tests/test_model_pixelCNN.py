@@ -88,10 +88,24 @@ def test_no_blind_spot():
     assert not dep[i, j] and not dep[i, j + 1]
 
 
-@pytest.mark.parametrize("n_layers,kernel_size,shape", [(2, 3, (9, 11)), (3, 5, (7, 6))])
-def test_incremental_cache_matches_forward(n_layers, kernel_size, shape):
+def code_feature_model(seed=0, **kwargs):
+    """A small model with code features on random stage-one vectors, its per-code tables made non-zero (as after
+    training) so that both halves of every embedding and output row matter."""
+    model = small_model(seed, code_dim=3, **kwargs)
+    model.set_code_vectors(torch.randn(16, 3) * 5 + 2)
+    with torch.no_grad():
+        model.embedding.weight.normal_()
+        model.head[3].weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("n_layers,kernel_size,shape,features,position",
+                         [(2, 3, (9, 11), False, False), (3, 5, (7, 6), False, False), (2, 3, (9, 11), True, False),
+                          (3, 3, (9, 11), False, True)])
+def test_incremental_cache_matches_forward(n_layers, kernel_size, shape, features, position):
     # The grid is larger than the receptive field in the first case, so the caches' cropping matters.
-    model = small_model(n_layers=n_layers, kernel_size=kernel_size)
+    model = (code_feature_model if features else small_model)(n_layers=n_layers, kernel_size=kernel_size,
+                                                               position=position)
     indices = torch.randint(0, 16, (2, *shape))
     z = torch.tensor([3, -1])
     with torch.no_grad():
@@ -117,13 +131,57 @@ def naive_sample(model, shape, z, temperature, generator, guidance=1.0, top_k=0,
     return codes
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.5])
-def test_fast_sampler_matches_naive_sampler(guidance):
-    model = small_model(n_layers=2, kernel_size=3)
+@pytest.mark.parametrize("guidance,features,position", [(1.0, False, False), (2.5, False, False), (2.5, True, False),
+                                                        (2.5, False, True)])
+def test_fast_sampler_matches_naive_sampler(guidance, features, position):
+    model = (code_feature_model if features else small_model)(n_layers=2, kernel_size=3, position=position)
     z = torch.tensor([0, 7, 30, -1])
     fast = sample_codes(model, (6, 7), z, 1.0, torch.Generator().manual_seed(3), guidance=guidance)
     slow = naive_sample(model, (6, 7), z, 1.0, torch.Generator().manual_seed(3), guidance=guidance)
     assert torch.equal(fast, slow)
+
+
+def test_code_features_are_the_standardised_codebook_through_a_shared_function():
+    torch.manual_seed(0)
+    codebook = torch.randn(16, 3) * torch.tensor([0.01, 1.0, 100.0]) + 7
+    codebook[5] = codebook[9]  # two codes with one vector
+    model = small_model(code_dim=3)
+    model.set_code_vectors(codebook)
+    expected = (codebook - codebook.mean(0)) / codebook.std(0)
+    torch.testing.assert_close(model.code_vectors, expected)
+    assert GatedPixelCNN(**json.loads(json.dumps(model.config))).code_vectors.shape == (16, 3)
+    # Untrained, the per-code tables are zero: the embedding and output row of a code are functions of its
+    # vector alone, so codes 5 and 9 are indistinguishable to the prior until training tells them apart.
+    table, (weight, bias) = model.input_table(), model.output_layer()
+    with torch.no_grad():
+        torch.testing.assert_close(table, model.code_in(expected))
+    assert torch.equal(table[5], table[9]) and not torch.equal(table[5], table[4])
+    assert torch.equal(weight[5], weight[9]) and not torch.equal(weight[5], weight[4])
+    logits = model(torch.randint(0, 16, (2, 4, 4)), torch.tensor([1, 2]))
+    assert torch.equal(logits[:, 5] - bias[5], logits[:, 9] - bias[9])
+
+
+def test_position_features_are_sinusoids_of_row_and_column():
+    model = small_model(position=True)
+    pos = model.positions(5, 7)
+    assert pos.shape == (1, model_pixelCNN.POSITION_FEATURES, 5, 7)
+    i, j = np.meshgrid(np.arange(5) / 4, np.arange(7) / 6, indexing="ij")
+    k = np.arange(1, model_pixelCNN.POSITION_FEATURES // 4 + 1)[:, None, None] * np.pi
+    expected = np.concatenate([np.sin(k * i), np.cos(k * i), np.sin(k * j), np.cos(k * j)])
+    np.testing.assert_allclose(pos[0].numpy(), expected, atol=1e-6)
+    assert small_model().positions(5, 7) is None
+
+
+def test_position_tells_interior_cells_apart():
+    # On a constant grid the logits of a plain model in the interior (beyond the padding's reach) are the same
+    # everywhere; with position features they differ from cell to cell.
+    indices = torch.full((1, 12, 12), 3)
+    z = torch.tensor([4])
+    with torch.no_grad():
+        plain = small_model(n_layers=2, kernel_size=3)(indices, z)
+        placed = small_model(n_layers=2, kernel_size=3, position=True)(indices, z)
+    torch.testing.assert_close(plain[0, :, 5, 5], plain[0, :, 6, 8])
+    assert (placed[0, :, 5, 5] - placed[0, :, 6, 8]).abs().max() > 1e-3
 
 
 def test_guidance_zero_is_unconditional():

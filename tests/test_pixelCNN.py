@@ -83,6 +83,20 @@ def test_smoke_train_caches_the_vq_codes_and_logs_bits(pcnn_run, vqvae_run, tiny
         assert im.size == cli.grid_size(1, 8)
 
 
+def test_code_features_train_on_the_stage_one_codebook_and_sample(tmp_path, vqvae_run, pcnn_run, capsys, cli):
+    out = tmp_path / "features"
+    _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--code-features", "--out", out)
+    codebook = util.load_checkpoint(vqvae_run / "best.pt")["model"]["quantizer.codebook"].float()
+    best = util.load_checkpoint(out / "best.pt", kind="pixelcnn")
+    assert best["config"]["code_features"] and best["config"]["code_dim"] == codebook.shape[1]
+    torch.testing.assert_close(best["model"]["code_vectors"], (codebook - codebook.mean(0)) / codebook.std(0))
+    plain = util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")
+    assert not plain["config"]["code_features"] and not any(k.startswith("code_") for k in plain["model"])
+    capsys.readouterr()
+    _pc("sample", "--ckpt", out / "best.pt", "--n", 1, "--z", "0,9", "--device", "cpu", "--out", tmp_path / "s.png")
+    assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, vqvae_run, capsys, cli):
     # --sample-every 2: sample grids at validations 2, 4, ... counted from the step, so also after a resume
     common = ["train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--steps", 8,
