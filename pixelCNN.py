@@ -34,13 +34,13 @@ HYPERS = [
     *stage_two.prior_hypers(steps=100000, batch_size=64, lr=3e-4, warmup=1000, lr_schedule="cosine",
                             log_every=100, val_every=5000, ckpt_every=5000),
 ]
-# full: for a GPU. demo: an 8-layer, 64-channel prior for 5 minutes on 2 CPU cores (lr 2e-3: the short run is
-# far from overfitting). smoke: seconds, for the tests. Every preset conditions on position: without it the
+# full: for a GPU. demo: an 8-layer, 64-channel prior for under 4 minutes on 2 CPU cores (lr 2e-3: the short run
+# is far from overfitting; with position, 400 steps are within the sample targets, docs/RESULTS.md). smoke: seconds, for the tests. Every preset conditions on position: without it the
 # samples' coarse layout was 1.65x real (docs/RESULTS.md).
 PRESETS = {
     "full": {},
-    "demo": dict(hidden=64, n_layers=8, batch_size=32, lr=2e-3, warmup=50, steps=600, log_every=25, val_every=300,
-                 ckpt_every=300),
+    "demo": dict(hidden=64, n_layers=8, batch_size=32, lr=2e-3, warmup=50, steps=400, log_every=25, val_every=200,
+                 ckpt_every=200),
     "smoke": dict(hidden=16, n_layers=3, kernel_size=3, batch_size=8, lr=1e-3, warmup=2, steps=6, log_every=2,
                   val_every=3, ckpt_every=3),
 }
