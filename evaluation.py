@@ -525,18 +525,18 @@ def _load_cached(path, version, fingerprint, build):
 
 
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) between two Gaussians (float64 numpy)."""
-    from scipy import linalg
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) between two Gaussians (float64 numpy).
 
+    Tr (C1 C2)^(1/2) is the sum of the square roots of the eigenvalues of C1^(1/2) C2 C1^(1/2), a symmetric PSD
+    matrix with the same spectrum: exact, and unlike a general matrix square root of C1 C2 it stays finite and
+    silent when the covariances are singular (a unit that is dead on every sample, fewer samples than features).
+    """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
-    covmean = linalg.sqrtm(cov1 @ cov2)
-    if not np.isfinite(covmean).all():
-        # A near-singular product (few images, many features): regularise as Heusel et al.'s code does.
-        eps = np.eye(len(cov1)) * 1e-6
-        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(cov1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    trace_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ cov2 @ root1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_covmean)
 
 
 def inception_model():

@@ -245,6 +245,26 @@ def test_frechet_distance_of_gaussians_matches_closed_form():
     assert ev.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_matches_scipy_and_is_silent_on_singular_covariances():
+    import warnings
+
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 6)), rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6)) + 1
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert ev.frechet_distance(a.mean(0), c1, b.mean(0), c2) == pytest.approx(expected, rel=1e-8)
+    # 4 samples of 6 features, one of them dead: both covariances singular, as with a few samples of a ReLU net
+    a[:, 2] = 0.0
+    c1, c2 = np.cov(a[:4], rowvar=False), np.cov(b[:4], rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's sqrtm warns "Matrix is singular" here
+        fd = ev.frechet_distance(a[:4].mean(0), c1, b[:4].mean(0), c2)
+    # The same distance from the eigenvalues of C1 C2 directly (real and >= 0 for PSD matrices)
+    direct = np.sqrt(np.linalg.eigvals(c1 @ c2).real.clip(min=0)).sum()
+    assert fd == pytest.approx(((a[:4].mean(0) - b[:4].mean(0)) ** 2).sum() + np.trace(c1 + c2) - 2 * direct, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluate_samples end to end
 
