@@ -32,6 +32,8 @@ from module import ConditionEmbedding
 GREEDY_TEMPERATURE = 1e-4
 # Position features of a model with `position`: sin and cos of 4 frequencies of the row and of the column.
 POSITION_FEATURES = 16
+# Channels of the z-specific spatial map of a model with `position_z`.
+SPATIAL_WIDTH = 32
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ class GatedLayer(nn.Module):
 
     def cond_terms(self, cond, pos=None):
         """Per-stack condition biases (V_f c, V_g c) for the vertical and horizontal stack: [B, 2H, 1, 1] from the
-        z condition plus [1, 2H, h, w] from the position features `pos` where the model has them (or 0.0)."""
+        z condition plus [1 or B, 2H, h, w] from the spatial condition `pos` where the model has one (or 0.0)."""
         v = h = 0.0
         if self.cond_proj is not None and cond is not None:
             v, h = self.cond_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
@@ -122,7 +124,9 @@ class GatedPixelCNN(nn.Module):
     `num_z` (number of z-indices) is recorded for the callers only: the sinusoidal z code needs no table.
     With `position` every layer is also conditioned on where it is in the grid (location-dependent conditioning,
     van den Oord et al. 2016 section 2.3: a 1x1 convolution of sinusoids of the row and column, which a model
-    with only zero padding to go by can infer only near the border). With `code_dim` D the model also sees each code's stage-one vector (a [K, D] buffer set by
+    with only zero padding to go by can infer only near the border); with `position_z` too, a small network of the
+    sinusoids and the z embedding makes that map z-specific (a learned layout per slice level), instead of adding a
+    map of position to a bias of z. With `code_dim` D the model also sees each code's stage-one vector (a [K, D] buffer set by
     `set_code_vectors`): the input embedding and the output layer's row of every code are a learned function
     of that vector plus a per-code table that starts at zero, so codes close in the codebook share what the
     prior learns about each of them (1024 codes over ~1.7k training grids: most are rare at every position).
@@ -130,24 +134,29 @@ class GatedPixelCNN(nn.Module):
     """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
-                 cond_dim=None, dropout=0.0, code_dim=None, position=False):
+                 cond_dim=None, dropout=0.0, code_dim=None, position=False, position_z=False):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if n_layers < 1 or n_codes < 2 or hidden < 1:
             raise ValueError(f"need n_layers >= 1, n_codes >= 2, hidden >= 1; got {n_layers}, {n_codes}, {hidden}")
+        if position_z and not (position and conditional):
+            raise ValueError("position_z needs position=True and a conditional model")
         cond_dim = (cond_dim or hidden) if conditional else 0
         self.config = dict(n_codes=int(n_codes), hidden=int(hidden), n_layers=int(n_layers),
                            kernel_size=int(kernel_size), conditional=bool(conditional), num_z=int(num_z),
                            cond_dim=int(cond_dim) or None, dropout=float(dropout),
-                           code_dim=int(code_dim) if code_dim else None, position=bool(position))
+                           code_dim=int(code_dim) if code_dim else None, position=bool(position),
+                           position_z=bool(position_z))
         self.n_codes = n_codes
         self.embedding = nn.Embedding(n_codes, hidden)
         self.cond_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
         self.layers = nn.ModuleList(
             GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout,
-                       pos_dim=POSITION_FEATURES if position else 0)
+                       pos_dim=(SPATIAL_WIDTH if position_z else POSITION_FEATURES) if position else 0)
             for i in range(n_layers))
+        self.spatial_net = (nn.Sequential(nn.Conv2d(POSITION_FEATURES + cond_dim, SPATIAL_WIDTH, 1), nn.SiLU(),
+                                          nn.Conv2d(SPATIAL_WIDTH, SPATIAL_WIDTH, 1)) if position_z else None)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
                                   nn.Conv2d(hidden, n_codes, 1))
         self.code_in = self.code_out = None
@@ -168,6 +177,15 @@ class GatedPixelCNN(nn.Module):
         rows, cols = (torch.linspace(0, 1, n, device=device)[:, None] * k * math.pi for n in (h, w))
         rows, cols = torch.cat([rows.sin(), rows.cos()], 1), torch.cat([cols.sin(), cols.cos()], 1)
         return torch.cat([rows.t()[:, :, None].expand(-1, h, w), cols.t()[:, None, :].expand(-1, h, w)])[None]
+
+    def spatial(self, cond, h, w):
+        """The layers' spatial condition: the position features [1, F, h, w], or with `position_z` a network of them
+        and the z embedding `cond` [B, cond_dim], [B, SPATIAL_WIDTH, h, w]; None for a model without position."""
+        pos = self.positions(h, w)
+        if self.spatial_net is None:
+            return pos
+        both = torch.cat([pos.expand(len(cond), -1, -1, -1), cond[:, :, None, None].expand(-1, -1, h, w)], 1)
+        return self.spatial_net(both)
 
     def set_code_vectors(self, codebook):
         """Store the stage-one codebook [K, D], standardised per dimension (its scale is the autoencoder's)."""
@@ -199,7 +217,7 @@ class GatedPixelCNN(nn.Module):
 
     def vertical_links(self, x, cond):
         """Run the vertical stack on embedded rows; returns each layer's link [B, 2H, rows, w]."""
-        links, v, pos = [], x, self.positions(*x.shape[-2:])
+        links, v, pos = [], x, self.spatial(cond, *x.shape[-2:])
         for layer in self.layers:
             cond_v, _ = layer.cond_terms(cond, pos)
             v, link = layer.vertical(v, cond_v)
@@ -208,7 +226,7 @@ class GatedPixelCNN(nn.Module):
 
     def horizontal_logits(self, x, links, cond):
         """Run the horizontal stack and the head given the vertical links; returns logits [B, K, rows, cols]."""
-        h, skips, pos = x, 0.0, self.positions(*x.shape[-2:])
+        h, skips, pos = x, 0.0, self.spatial(cond, *x.shape[-2:])
         for layer, link in zip(self.layers, links):
             _, cond_h = layer.cond_terms(cond, pos)
             h, skip = layer.horizontal(h, link, cond_h)
@@ -299,7 +317,7 @@ class _RasterCache:
     def __init__(self, model, x, cond):
         self.model, self.x, self.pad = model, x, model.layers[0].pad
         batch, hidden, h, w = x.shape
-        pos = model.positions(h, w)
+        pos = model.spatial(cond, h, w)
         self.terms = [layer.cond_terms(cond, pos) for layer in model.layers]
         self.vs = [x.new_zeros(batch, hidden, h, w) for _ in model.layers]
         self.hs = [x.new_zeros(batch, hidden, 1, w) for _ in model.layers]

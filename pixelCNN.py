@@ -28,6 +28,9 @@ HYPERS = [
     H("dropout", 0.0, "dropout in the gated layers", "model", high=1),
     H("position", True, "condition every layer on its position in the grid (sinusoids of row and column, "
       "location-dependent conditioning as in van den Oord et al. 2016)", "model", before=False),
+    H("position_z", False, "with --position: the position features pass through a small network together with the "
+      "z embedding, so each layer sees a z-specific map (a learned layout per slice level) instead of position "
+      "and z as separate biases", "model"),
     H("code_features", False, "embed and predict each code through a learned function of its stage-one codebook "
       "vector (plus a per-code table), so codes close in the codebook share what the prior learns", "model"),
     H("sample_every", 1, "write a sample grid every N validations", "output", low=1),
@@ -98,8 +101,17 @@ class PixelCNNPrior(stage_two.Prior):
     def summary(self, config):
         return f"codes {config['grid']} of {config['n_codes']}"
 
+    def check_config(self, config):
+        if config["position_z"] and not config["position"]:
+            raise UserError("--position-z: needs --position (it makes the position features z-specific)")
+
     def complete_config(self, config, cache, ae):
-        config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed, code_dim=ae.quantizer.embed_dim)
+        if config["position_z"] and not config["conditional"]:
+            raise UserError(f"--position-z: {config['data']} has no z-indices to condition on (a plain image folder); "
+                            f"train without it")
+        config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed)
+        if config["code_features"]:
+            config["code_dim"] = ae.quantizer.embed_dim
 
     def build(self, config):
         kwargs = tr.model_kwargs(HYPERS, config)

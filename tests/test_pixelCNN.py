@@ -142,6 +142,9 @@ def test_unconditional_data_trains_and_samples(tmp_path, tiny_data, capsys, cli)
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == cli.grid_size(2, 1)
     assert "2 samples" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"--position-z: \S+ has no z-indices to condition on"):
+        _pc("train", "--ae", vq / "best.pt", "--preset", "smoke", "--out", tmp_path / "pz", "--position-z")
+    assert not (tmp_path / "pz" / "best.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +261,9 @@ def test_bad_inputs_give_one_clear_line(tmp_path, vqvae_run, vae_run, pcnn_run):
         _pc("train", "--resume", vqvae_run)
     with pytest.raises(UserError, match="--n 0 .*at least 1"):
         _pc("sample", "--ckpt", ckpt, "--n", 0, "--out", tmp_path / "s.png")
+    with pytest.raises(UserError, match=r"--position-z: needs --position"):
+        _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--out", tmp_path / "pz", "--no-position",
+            "--position-z")
     assert not (tmp_path / "s.png").exists()
 
 
