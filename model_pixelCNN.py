@@ -7,7 +7,9 @@ The model follows van den Oord et al., 2016, "Conditional Image Generation with 
 - every layer is gated, tanh(W_f * x + V_f c) * sigmoid(W_g * x + V_g c), where c is the z-index
   (slice position, -1 = unknown) embedded by `module.ConditionEmbedding` with a null token;
 - the horizontal stack has residual connections, every layer sends a skip connection to the output head
-  (ReLU -> 1x1 conv -> ReLU -> 1x1 conv) which gives logits over the K codes at every position.
+  (ReLU -> 1x1 conv -> ReLU -> 1x1 conv) which gives logits over the K codes at every position;
+- optionally (`position`, on in every preset of pixelCNN.py) each layer is also conditioned on the cell's row and
+  column, and (`code_dim`) codes are embedded and predicted through their stage-one codebook vectors.
 
 Public API:
 - `GatedPixelCNN(n_codes, ...)`: `forward(indices, z) -> logits [B, K, h, w]`; `model.config` is a dict of
@@ -32,8 +34,6 @@ from module import ConditionEmbedding
 GREEDY_TEMPERATURE = 1e-4
 # Position features of a model with `position`: sin and cos of 4 frequencies of the row and of the column.
 POSITION_FEATURES = 16
-# Channels of the z-specific spatial map of a model with `position_z`.
-SPATIAL_WIDTH = 32
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class GatedLayer(nn.Module):
 
     def cond_terms(self, cond, pos=None):
         """Per-stack condition biases (V_f c, V_g c) for the vertical and horizontal stack: [B, 2H, 1, 1] from the
-        z condition plus [1 or B, 2H, h, w] from the spatial condition `pos` where the model has one (or 0.0)."""
+        z condition plus [1, 2H, rows, w] from the position features `pos` where the model has them (or 0.0)."""
         v = h = 0.0
         if self.cond_proj is not None and cond is not None:
             v, h = self.cond_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
@@ -124,46 +124,40 @@ class GatedPixelCNN(nn.Module):
     `num_z` (number of z-indices) is recorded for the callers only: the sinusoidal z code needs no table.
     With `position` every layer is also conditioned on where it is in the grid (location-dependent conditioning,
     van den Oord et al. 2016 section 2.3: a 1x1 convolution of sinusoids of the row and column, which a model
-    with only zero padding to go by can infer only near the border); with `position_z` too, a small network of the
-    sinusoids and the z embedding makes that map z-specific (a learned layout per slice level), instead of adding a
-    map of position to a bias of z. With `code_dim` D the model also sees each code's stage-one vector (a [K, D] buffer set by
-    `set_code_vectors`): the input embedding and the output layer's row of every code are a learned function
-    of that vector plus a per-code table that starts at zero, so codes close in the codebook share what the
+    with only zero padding to go by can infer only near the border). With `code_dim` D the model also sees each
+    code's stage-one vector (a [K, D] buffer that `set_code_vectors` must fill before training): the input
+    embedding and the output layer's row of every code are a learned function of that vector plus a per-code
+    table that starts at zero, so codes close in the codebook share what the
     prior learns about each of them (1024 codes over ~1.7k training grids: most are rare at every position).
     The grid size is free: one model handles 16x16 and 32x32 grids alike.
     """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
-                 cond_dim=None, dropout=0.0, code_dim=None, position=False, position_z=False):
+                 cond_dim=None, dropout=0.0, code_dim=None, position=False):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if n_layers < 1 or n_codes < 2 or hidden < 1:
             raise ValueError(f"need n_layers >= 1, n_codes >= 2, hidden >= 1; got {n_layers}, {n_codes}, {hidden}")
-        if position_z and not (position and conditional):
-            raise ValueError("position_z needs position=True and a conditional model")
         cond_dim = (cond_dim or hidden) if conditional else 0
         self.config = dict(n_codes=int(n_codes), hidden=int(hidden), n_layers=int(n_layers),
                            kernel_size=int(kernel_size), conditional=bool(conditional), num_z=int(num_z),
                            cond_dim=int(cond_dim) or None, dropout=float(dropout),
-                           code_dim=int(code_dim) if code_dim else None, position=bool(position),
-                           position_z=bool(position_z))
+                           code_dim=int(code_dim) if code_dim else None, position=bool(position))
         self.n_codes = n_codes
         self.embedding = nn.Embedding(n_codes, hidden)
         self.cond_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
         self.layers = nn.ModuleList(
             GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout,
-                       pos_dim=(SPATIAL_WIDTH if position_z else POSITION_FEATURES) if position else 0)
+                       pos_dim=POSITION_FEATURES if position else 0)
             for i in range(n_layers))
-        self.spatial_net = (nn.Sequential(nn.Conv2d(POSITION_FEATURES + cond_dim, SPATIAL_WIDTH, 1), nn.SiLU(),
-                                          nn.Conv2d(SPATIAL_WIDTH, SPATIAL_WIDTH, 1)) if position_z else None)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
                                   nn.Conv2d(hidden, n_codes, 1))
         self.code_in = self.code_out = None
         if code_dim:
             self.register_buffer("code_vectors", torch.zeros(n_codes, code_dim))
-            self.code_in, self.code_out = (nn.Sequential(nn.Linear(code_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-                                           for _ in range(2))
+            self.code_in, self.code_out = (
+                nn.Sequential(nn.Linear(code_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(2))
             nn.init.zeros_(self.embedding.weight)  # the per-code tables start as the function of the vectors
             nn.init.zeros_(self.head[3].weight)
 
@@ -177,15 +171,6 @@ class GatedPixelCNN(nn.Module):
         rows, cols = (torch.linspace(0, 1, n, device=device)[:, None] * k * math.pi for n in (h, w))
         rows, cols = torch.cat([rows.sin(), rows.cos()], 1), torch.cat([cols.sin(), cols.cos()], 1)
         return torch.cat([rows.t()[:, :, None].expand(-1, h, w), cols.t()[:, None, :].expand(-1, h, w)])[None]
-
-    def spatial(self, cond, h, w):
-        """The layers' spatial condition: the position features [1, F, h, w], or with `position_z` a network of them
-        and the z embedding `cond` [B, cond_dim], [B, SPATIAL_WIDTH, h, w]; None for a model without position."""
-        pos = self.positions(h, w)
-        if self.spatial_net is None:
-            return pos
-        both = torch.cat([pos.expand(len(cond), -1, -1, -1), cond[:, :, None, None].expand(-1, -1, h, w)], 1)
-        return self.spatial_net(both)
 
     def set_code_vectors(self, codebook):
         """Store the stage-one codebook [K, D], standardised per dimension (its scale is the autoencoder's)."""
@@ -215,29 +200,25 @@ class GatedPixelCNN(nn.Module):
             z = torch.full((batch,), -1, dtype=torch.long, device=self.embedding.weight.device)
         return self.cond_embed(z.reshape(-1).to(self.embedding.weight.device))
 
-    def vertical_links(self, x, cond):
-        """Run the vertical stack on embedded rows; returns each layer's link [B, 2H, rows, w]."""
-        links, v, pos = [], x, self.spatial(cond, *x.shape[-2:])
-        for layer in self.layers:
-            cond_v, _ = layer.cond_terms(cond, pos)
+    def layer_terms(self, cond, pos):
+        """Every layer's (vertical, horizontal) condition terms from the z condition and the position features `pos`
+        (`positions`, of the whole grid or some of its rows; None without position)."""
+        return [layer.cond_terms(cond, pos) for layer in self.layers]
+
+    def forward_embedded(self, x, z):
+        """Logits from an already embedded whole grid [B, hidden, h, w] (lets tests take gradients w.r.t. inputs)."""
+        cond = self.condition(z, x.shape[0])
+        terms = self.layer_terms(cond, self.positions(*x.shape[-2:]))
+        links, v = [], x
+        for layer, (cond_v, _) in zip(self.layers, terms):
             v, link = layer.vertical(v, cond_v)
             links.append(link)
-        return links
-
-    def horizontal_logits(self, x, links, cond):
-        """Run the horizontal stack and the head given the vertical links; returns logits [B, K, rows, cols]."""
-        h, skips, pos = x, 0.0, self.spatial(cond, *x.shape[-2:])
-        for layer, link in zip(self.layers, links):
-            _, cond_h = layer.cond_terms(cond, pos)
+        h, skips = x, 0.0
+        for layer, link, (_, cond_h) in zip(self.layers, links, terms):
             h, skip = layer.horizontal(h, link, cond_h)
             skips = skips + skip
         weight, bias = self.output_layer()
         return F.conv2d(self.head[:3](skips), weight[:, :, None, None], bias)
-
-    def forward_embedded(self, x, z):
-        """Logits from an already embedded grid [B, hidden, h, w] (lets tests take gradients w.r.t. inputs)."""
-        cond = self.condition(z, x.shape[0])
-        return self.horizontal_logits(x, self.vertical_links(x, cond), cond)
 
     def forward(self, indices, z=None):
         """Code indices [B, h, w] (and z-index [B]) -> logits [B, n_codes, h, w]."""
@@ -317,8 +298,9 @@ class _RasterCache:
     def __init__(self, model, x, cond):
         self.model, self.x, self.pad = model, x, model.layers[0].pad
         batch, hidden, h, w = x.shape
-        pos = model.spatial(cond, h, w)
-        self.terms = [layer.cond_terms(cond, pos) for layer in model.layers]
+        # The position features are kept whole (16 channels); the layers' terms ([B, 2H, 1, w] each) one row at a time:
+        # for the full preset all of them at once would take gigabytes.
+        self.cond, self.pos, self.terms = cond, model.positions(h, w), None
         self.vs = [x.new_zeros(batch, hidden, h, w) for _ in model.layers]
         self.hs = [x.new_zeros(batch, hidden, 1, w) for _ in model.layers]
         self.links, self.row = None, -1
@@ -332,11 +314,12 @@ class _RasterCache:
             self.links = [layer.link(zero) for layer in self.model.layers]  # the shifted-in zero row
         else:
             lo, self.links = max(0, r - p), []
-            for layer, v, (cond_v, _) in zip(self.model.layers, self.vs, self.terms):
+            for layer, v, (cond_v, _) in zip(self.model.layers, self.vs, self.terms):  # self.terms: row r's
                 pre = layer.vertical_pre(below[:, :, lo: r + 1], pad_top=p - (r - lo))
                 self.links.append(layer.link(pre))
-                v[:, :, r: r + 1] = _gate(pre + _at(cond_v, r))
+                v[:, :, r: r + 1] = _gate(pre + cond_v)
                 below = v
+        self.terms = self.model.layer_terms(self.cond, None if self.pos is None else self.pos[:, :, i: i + 1])
         self.row = i
 
     def logits_at(self, j):
@@ -348,7 +331,7 @@ class _RasterCache:
             window = F.pad(h_prev[..., lo:hi], (p - (j - lo), 0, 0, 0))
             # One column at a time the convolutions are matrix products; F.linear avoids the per-call setup
             # of a convolution primitive, which dominated sampling time.  Mirrors GatedLayer.horizontal_out.
-            pre = _as_linear(layer.h_conv, window) + link[:, :, 0, j] + _at(cond_h, self.row, j)
+            pre = _as_linear(layer.h_conv, window) + link[:, :, 0, j] + _column(cond_h, j)
             out = _gate(pre)
             h_next = _as_linear(layer.h_out, out) + (0.0 if layer.first else h_prev[:, :, 0, j])
             h[:, :, 0, j] = h_next
@@ -362,13 +345,12 @@ def _as_linear(conv, x):
     return F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias)
 
 
-def _at(term, row, col=None):
-    """A per-layer condition term ([B or 1, 2H, 1 or h, 1 or w], or the scalar 0.0 without condition) at one row
-    ([.., 2H, 1, 1 or w]) or, given `col`, at one position ([B or 1, 2H])."""
+def _column(term, col):
+    """A row's condition term ([B or 1, 2H, 1, 1 or w], or the scalar 0.0 without condition) at one column:
+    [B or 1, 2H] (a term without position is the same in every column)."""
     if not torch.is_tensor(term):
         return term
-    term = term[:, :, row: row + 1] if term.shape[2] > 1 else term
-    return term if col is None else term[:, :, 0, col if term.shape[3] > 1 else 0]
+    return term[:, :, 0, col if term.shape[3] > 1 else 0]
 
 
 def _fill_raster(model, caches, codes, x, temperature, generator, guidance, top_k=0, top_p=1.0):

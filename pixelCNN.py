@@ -8,7 +8,7 @@ Commands:
     python pixelCNN.py train --resume runs/pixelcnn-demo
     python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --n 2 --z 0..31 --temperature 1.0 \
         --seed 0 --out grid.png
-    python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --z 0,8,16,24 --guidance 2   # follow z more closely
+    python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --z 0,8,16,24 --guidance 1.5 --temperature 1.2
     python pixelCNN.py evaluate --ckpt runs/pixelcnn-demo/best.pt --n 4
     torchrun --nproc_per_node=4 pixelCNN.py train --ae runs/vq-full/best.pt --preset full
 """
@@ -28,9 +28,6 @@ HYPERS = [
     H("dropout", 0.0, "dropout in the gated layers", "model", high=1),
     H("position", True, "condition every layer on its position in the grid (sinusoids of row and column, "
       "location-dependent conditioning as in van den Oord et al. 2016)", "model", before=False),
-    H("position_z", False, "with --position: the position features pass through a small network together with the "
-      "z embedding, so each layer sees a z-specific map (a learned layout per slice level) instead of position "
-      "and z as separate biases", "model"),
     H("code_features", False, "embed and predict each code through a learned function of its stage-one codebook "
       "vector (plus a per-code table), so codes close in the codebook share what the prior learns", "model"),
     H("sample_every", 1, "write a sample grid every N validations", "output", low=1),
@@ -38,8 +35,8 @@ HYPERS = [
                             log_every=100, val_every=5000, ckpt_every=5000),
 ]
 # full: for a GPU. demo: an 8-layer, 64-channel prior for under 4 minutes on 2 CPU cores (lr 2e-3: the short run
-# is far from overfitting; with position, 400 steps are within the sample targets, docs/RESULTS.md). smoke: seconds, for the tests. Every preset conditions on position: without it the
-# samples' coarse layout was 1.65x real (docs/RESULTS.md).
+# is far from overfitting; with position, 400 steps are within the sample targets). smoke: seconds, for the tests.
+# Every preset conditions on position: without it the samples' coarse layout was 1.65x real (docs/RESULTS.md).
 PRESETS = {
     "full": {},
     "demo": dict(hidden=64, n_layers=8, batch_size=32, lr=2e-3, warmup=50, steps=400, log_every=25, val_every=200,
@@ -101,14 +98,7 @@ class PixelCNNPrior(stage_two.Prior):
     def summary(self, config):
         return f"codes {config['grid']} of {config['n_codes']}"
 
-    def check_config(self, config):
-        if config["position_z"] and not config["position"]:
-            raise UserError("--position-z: needs --position (it makes the position features z-specific)")
-
     def complete_config(self, config, cache, ae):
-        if config["position_z"] and not config["conditional"]:
-            raise UserError(f"--position-z: {config['data']} has no z-indices to condition on (a plain image folder); "
-                            f"train without it")
         config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed)
         if config["code_features"]:
             config["code_dim"] = ae.quantizer.embed_dim
