@@ -127,8 +127,8 @@ class GatedPixelCNN(nn.Module):
     with only zero padding to go by can infer only near the border). With `code_dim` D the model also sees each
     code's stage-one vector (a [K, D] buffer that `set_code_vectors` must fill before training): the input
     embedding and the output layer's row of every code are a learned function of that vector plus a per-code
-    table that starts at zero, so codes close in the codebook share what the
-    prior learns about each of them (1024 codes over ~1.7k training grids: most are rare at every position).
+    table that starts at zero, so codes close in the codebook share what the prior learns about each of them
+    (1024 codes over ~1.7k training grids: most are rare at every position).
     The grid size is free: one model handles 16x16 and 32x32 grids alike.
     """
 
@@ -206,7 +206,7 @@ class GatedPixelCNN(nn.Module):
         return [layer.cond_terms(cond, pos) for layer in self.layers]
 
     def forward_embedded(self, x, z):
-        """Logits from an already embedded whole grid [B, hidden, h, w] (lets tests take gradients w.r.t. inputs)."""
+        """Logits from an already embedded whole grid [B, hidden, h, w] (tests take gradients w.r.t. the input)."""
         cond = self.condition(z, x.shape[0])
         terms = self.layer_terms(cond, self.positions(*x.shape[-2:]))
         links, v = [], x
@@ -298,8 +298,8 @@ class _RasterCache:
     def __init__(self, model, x, cond):
         self.model, self.x, self.pad = model, x, model.layers[0].pad
         batch, hidden, h, w = x.shape
-        # The position features are kept whole (16 channels); the layers' terms ([B, 2H, 1, w] each) one row at a time:
-        # for the full preset all of them at once would take gigabytes.
+        # The position features are kept whole (16 channels), the layers' terms ([B, 2H, 1, w] each) for one row
+        # at a time: for the full preset all of them at once would take gigabytes.
         self.cond, self.pos, self.terms = cond, model.positions(h, w), None
         self.vs = [x.new_zeros(batch, hidden, h, w) for _ in model.layers]
         self.hs = [x.new_zeros(batch, hidden, 1, w) for _ in model.layers]
