@@ -104,6 +104,9 @@ def prior_hypers(**loop):
     loop's, with the prior's `full` values (see trainer.loop_hypers)."""
     return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs",
                      "loss", high=1),
+            tr.Hyper("flip", False, "also train on every train slice mirrored left-right (encoded once into the "
+                     "cache): twice the training codes or latents, for a prior that otherwise overfits a small set",
+                     "data", before=False),
             *tr.loop_hypers(**loop)]
 
 
@@ -207,6 +210,18 @@ def _tissue_is_whole(cache):
                for split in ("train", "validate"))
 
 
+def mirrored(images, z, below, above, labels=None):
+    """A split followed by its left-right mirror image: slice i + N is slice i flipped, with its z-index, its
+    tissue map flipped alike, and its neighbours the mirrored neighbours (index + N; -1 stays -1)."""
+    n = len(images)
+
+    def shift(idx):
+        return torch.cat([idx, torch.where(idx >= 0, idx + n, idx)])
+
+    labels = None if labels is None else torch.cat([labels, labels.flip(-1)])
+    return torch.cat([images, images.flip(-1)]), torch.cat([z, z]), shift(below), shift(above), labels
+
+
 def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissue=False):
     """Encode the train and validate splits once with the frozen stage one (with `tissue`, also keep their
     tissue maps). Reused on resume when it was built by the same stage-one file from
@@ -216,8 +231,9 @@ def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissu
     wanted = config.get("data") or ae_ckpt["config"].get("data")
     wanted_path = Path(wanted) if wanted else dataset.default_data_dir(size)
     cached = load_cache(cache_path, ae_hash)
+    flip = bool(config.get("flip"))
     if (cached is not None and cached.get("data") and Path(cached["data"]).resolve() == wanted_path.resolve()
-            and (not tissue or _tissue_is_whole(cached))):
+            and (not tissue or _tissue_is_whole(cached)) and cached.get("flip", False) == flip):
         return cached  # a cache of other data (a run redone with another --data) is rebuilt below
     data_path = dataset.ensure_dataset(wanted, size)
     splits = dataset.load_splits(data_path, size=size, splits=("train", "validate"), labels=tissue)
@@ -227,15 +243,21 @@ def build_cache(ae, ae_ckpt, config, device, what, cache_path, write=True, tissu
     t0 = time.perf_counter()
     # The absolute path: sample/evaluate may run from another working directory.
     cache = {"kind": "cache", "ae_sha256": ae_hash, "data": str(Path(data_path).resolve()),
-             "num_z": max(splits["train"].num_z, 1), "spacing": list(dataset.voxel_spacing(data_path, size)[0])}
+             "num_z": max(splits["train"].num_z, 1), "spacing": list(dataset.voxel_spacing(data_path, size)[0]),
+             "flip": flip}
     for name, split in splits.items():
         images, z = split.tensors()
+        below, above = split.neighbours()
+        labels = torch.from_numpy(split.labels) if tissue else None
+        if flip and name == "train":
+            images, z, below, above, labels = mirrored(images, z, below, above, labels)
         cache[name] = encode(ae, images, z, device, what)
         cache[f"{name}_z"] = z if splits["train"].conditional else torch.full_like(z, -1)
-        cache[f"{name}_below"], cache[f"{name}_above"] = split.neighbours()
+        cache[f"{name}_below"], cache[f"{name}_above"] = below, above
         if tissue:
-            cache[f"{name}_tissue"] = torch.from_numpy(split.labels)  # folded per batch (tissue_grid)
-    print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train + "
+            cache[f"{name}_tissue"] = labels  # folded per batch (tissue_grid)
+    mirror = " (half of them mirrored, --flip)" if flip else ""
+    print(f"{'latent' if what == 'latent' else 'code'} cache: encoded {len(cache['train'])} train{mirror} + "
           f"{len(cache['validate'])} validate slices in {time.perf_counter() - t0:.1f}s -> "
           f"{tuple(cache['train'].shape[1:])} per slice")
     if write:

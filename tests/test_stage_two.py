@@ -70,3 +70,37 @@ def test_v_prediction_x0_skips_the_division_by_alpha():
     err_via_eps = (x0_via_eps - x0).abs().max().item()
     assert err_direct < 1e-5 and err_via_eps > 20 * err_direct
     assert torch.allclose(eps_direct, noise, atol=1e-5)
+
+
+def test_mirrored_appends_each_slice_flipped_with_its_neighbours_and_map():
+    images = torch.arange(3 * 2 * 3, dtype=torch.uint8).reshape(3, 1, 2, 3)
+    labels = torch.tensor([[[0, 1, 2], [3, 0, 1]]] * 3, dtype=torch.uint8)
+    z, below, above = torch.tensor([4, 5, 6]), torch.tensor([-1, 0, 1]), torch.tensor([1, 2, -1])
+    x, zz, b, a, y = stage_two.mirrored(images, z, below, above, labels)
+    assert torch.equal(x[:3], images) and torch.equal(x[3:, 0, 0, 0], images[:, 0, 0, 2])  # column 0 <- 2
+    assert torch.equal(x[3:], images[..., [2, 1, 0]])
+    assert zz.tolist() == [4, 5, 6, 4, 5, 6]
+    assert b.tolist() == [-1, 0, 1, -1, 3, 4] and a.tolist() == [1, 2, -1, 4, 5, -1]
+    assert torch.equal(y[3:], labels[..., [2, 1, 0]])
+    assert stage_two.mirrored(images, z, below, above)[4] is None
+
+
+def test_flip_cache_encodes_the_mirrored_slices_and_is_rebuilt_when_flip_changes(vqvae_run, tmp_path):
+    import dataset
+    from prestage_train import load_autoencoder
+
+    device = torch.device("cpu")
+    ae, ckpt = load_autoencoder(vqvae_run / "best.pt", device)
+    path = tmp_path / "codes.pt"
+    plain = stage_two.build_cache(ae, ckpt, {}, device, "indices", path)
+    flipped = stage_two.build_cache(ae, ckpt, {"flip": True}, device, "indices", path)  # flip differs: rebuilt
+    n = len(plain["train"])
+    assert flipped["flip"] and not plain["flip"] and len(flipped["train"]) == 2 * n
+    assert torch.equal(flipped["train"][:n], plain["train"]) and torch.equal(flipped["validate"], plain["validate"])
+    train = dataset.load_split(ckpt["config"]["data"], "train", size=ckpt["config"]["size"])
+    images, z = train.tensors()
+    direct = stage_two.encode(ae, images.flip(-1), z, device, "indices")  # the mirror encoded on its own
+    assert torch.equal(flipped["train"][n:], direct) and not torch.equal(direct, plain["train"])
+    assert torch.equal(flipped["train_z"], torch.cat([plain["train_z"]] * 2))
+    assert stage_two.build_cache(ae, ckpt, {"flip": True}, device, "indices", path) is not None
+    assert torch.load(path, weights_only=True)["flip"]  # the flipped cache is the one on disk now
