@@ -53,9 +53,9 @@ def test_stage_one_resolves_the_recorded_presets():
     assert smoke["size"] == 32 and smoke["n_embed"] == 32 and smoke["perceptual"] == "msssim"
     assert smoke["perceptual_weight"] == 0.5 and smoke["kl_weight"] == 1e-6 and smoke["vq_ema"] is True
     demo = tr.preset_values(prestage_train.HYPERS, prestage_train.PRESETS, "demo")
-    assert (demo["n_embed"], demo["lr"], demo["batch_size"], demo["steps"]) == (1024, 1e-3, 8, 2000)
-    # since 2026-12-04 the demo's GAN starts at 500 on the finest band, with feature matching (docs/RESULTS.md)
-    assert (demo["disc_start"], demo["disc_highpass"], demo["fm_weight"]) == (500, True, 1.0)
+    assert (demo["n_embed"], demo["lr"], demo["batch_size"], demo["steps"]) == (1024, 1e-3, 4, 3400)
+    # since 2026-12-04 the demo's GAN starts at a quarter of the run on the finest band, with feature matching
+    assert (demo["disc_start"], demo["disc_highpass"], demo["fm_weight"]) == (850, True, 1.0)
     cfg = prestage_train.autoencoder_config(dict(smoke, model="vae", conditional=True, num_z=32))
     assert "n_embed" not in cfg and cfg["resolution"] == 32 and cfg["decoder_extra_block"] is True
 
