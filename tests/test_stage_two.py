@@ -104,3 +104,17 @@ def test_flip_cache_encodes_the_mirrored_slices_and_is_rebuilt_when_flip_changes
     assert torch.equal(flipped["train_z"], torch.cat([plain["train_z"]] * 2))
     assert stage_two.build_cache(ae, ckpt, {"flip": True}, device, "indices", path) is not None
     assert torch.load(path, weights_only=True)["flip"]  # the flipped cache is the one on disk now
+
+
+def test_flip_flag_trains_a_prior_on_the_doubled_cache(vqvae_run, tmp_path):
+    out = tmp_path / "pc"
+    assert pixelCNN.main(["train", "--ae", str(vqvae_run / "best.pt"), "--preset", "smoke", "--flip",
+                          "--out", str(out)]) == 0
+    cache = torch.load(out / "codes.pt", weights_only=True)
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert cache["flip"] and state["config"]["flip"] is True
+    n = len(cache["train"]) // 2
+    assert len(cache["train"]) == 2 * n == len(cache["train_z"]) and torch.equal(cache["train_z"][:n],
+                                                                                 cache["train_z"][n:])
+    mirror_below = cache["train_below"][n:]
+    assert bool((mirror_below[mirror_below >= 0] >= n).all())  # mirrored slices neighbour mirrored slices
