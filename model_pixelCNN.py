@@ -133,24 +133,31 @@ class GatedPixelCNN(nn.Module):
     """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
-                 cond_dim=None, dropout=0.0, code_dim=None, position=False):
+                 cond_dim=None, dropout=0.0, code_dim=None, position=False, z_maps=0, z_map_size=16):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if n_layers < 1 or n_codes < 2 or hidden < 1:
             raise ValueError(f"need n_layers >= 1, n_codes >= 2, hidden >= 1; got {n_layers}, {n_codes}, {hidden}")
+        if z_maps and not conditional:
+            raise ValueError("z_maps needs a conditional model (a map per z-index)")
         cond_dim = (cond_dim or hidden) if conditional else 0
         self.config = dict(n_codes=int(n_codes), hidden=int(hidden), n_layers=int(n_layers),
                            kernel_size=int(kernel_size), conditional=bool(conditional), num_z=int(num_z),
                            cond_dim=int(cond_dim) or None, dropout=float(dropout),
-                           code_dim=int(code_dim) if code_dim else None, position=bool(position))
+                           code_dim=int(code_dim) if code_dim else None, position=bool(position),
+                           z_maps=int(z_maps), z_map_size=int(z_map_size))
         self.n_codes = n_codes
         self.embedding = nn.Embedding(n_codes, hidden)
         self.cond_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
         self.layers = nn.ModuleList(
             GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout,
-                       pos_dim=POSITION_FEATURES if position else 0)
+                       pos_dim=(POSITION_FEATURES if position else 0) + z_maps)
             for i in range(n_layers))
+        # One learned map per z-index (and one for the null token, the last row), read at the grid's size: where
+        # each kind of tissue lies at that slice level, which position sinusoids plus a z bias can express only
+        # through the gates' nonlinearity.  Zero at the start: the model begins as one without them.
+        self.z_map = nn.Parameter(torch.zeros(num_z + 1, z_maps, z_map_size, z_map_size)) if z_maps else None
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
                                   nn.Conv2d(hidden, n_codes, 1))
         self.code_in = self.code_out = None
@@ -161,11 +168,26 @@ class GatedPixelCNN(nn.Module):
             nn.init.zeros_(self.embedding.weight)  # the per-code tables start as the function of the vectors
             nn.init.zeros_(self.head[3].weight)
 
-    def positions(self, h, w):
-        """Position features [1, POSITION_FEATURES, h, w] (sin, cos of pi k u for k = 1..F/4 of the row and column
-        coordinates u in [0, 1]), or None for a model without them."""
-        if not self.config["position"]:
-            return None
+    def positions(self, h, w, z=None):
+        """Position features [1 or B, F, h, w]: sin, cos of pi k u for k = 1..4 of the row and column coordinates
+        u in [0, 1] (16 channels, `position`), then the learned map of each z-index in `z` [B] (-1: the null map;
+        `z_maps` channels, resized to h x w); None for a model with neither."""
+        sines = self._sinusoids(h, w) if self.config["position"] else None
+        if self.z_map is None:
+            return sines
+        maps = self.z_map_for(z, h, w)
+        return maps if sines is None else torch.cat([sines.expand(len(maps), -1, -1, -1), maps], 1)
+
+    def z_map_for(self, z, h, w):
+        """The learned maps [B, z_maps, h, w] of z-indices `z` [B] (-1 = unknown: the null token's map)."""
+        z = z.reshape(-1).to(self.z_map.device)
+        maps = self.z_map[torch.where(z < 0, torch.full_like(z, self.z_map.shape[0] - 1), z)]
+        if maps.shape[-2:] != (h, w):
+            maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+        return maps
+
+    def _sinusoids(self, h, w):
+        """The 16 position sinusoids [1, POSITION_FEATURES, h, w]."""
         device = self.embedding.weight.device
         k = torch.arange(1, POSITION_FEATURES // 4 + 1, device=device, dtype=torch.float32)
         rows, cols = (torch.linspace(0, 1, n, device=device)[:, None] * k * math.pi for n in (h, w))
@@ -192,13 +214,17 @@ class GatedPixelCNN(nn.Module):
         """Code indices [B, h, w] -> embedded grid [B, hidden, h, w]."""
         return F.embedding(indices, self.input_table()).permute(0, 3, 1, 2)
 
+    def full_z(self, z, batch):
+        """z-indices [B] on the model's device, all -1 (unknown) for `z=None`."""
+        if z is None:
+            return torch.full((batch,), -1, dtype=torch.long, device=self.embedding.weight.device)
+        return z.reshape(-1).to(self.embedding.weight.device)
+
     def condition(self, z, batch):
         """Condition vector [B, cond_dim] for z-indices (-1 = unknown), or None for an unconditional model."""
         if self.cond_embed is None:
             return None
-        if z is None:
-            z = torch.full((batch,), -1, dtype=torch.long, device=self.embedding.weight.device)
-        return self.cond_embed(z.reshape(-1).to(self.embedding.weight.device))
+        return self.cond_embed(self.full_z(z, batch))
 
     def layer_terms(self, cond, pos):
         """Every layer's (vertical, horizontal) condition terms from the z condition and the position features `pos`
@@ -208,7 +234,7 @@ class GatedPixelCNN(nn.Module):
     def forward_embedded(self, x, z):
         """Logits from an already embedded whole grid [B, hidden, h, w] (tests take gradients w.r.t. the input)."""
         cond = self.condition(z, x.shape[0])
-        terms = self.layer_terms(cond, self.positions(*x.shape[-2:]))
+        terms = self.layer_terms(cond, self.positions(*x.shape[-2:], self.full_z(z, x.shape[0])))
         links, v = [], x
         for layer, (cond_v, _) in zip(self.layers, terms):
             v, link = layer.vertical(v, cond_v)
@@ -295,12 +321,13 @@ class _RasterCache:
     of one forward pass per position) and gives exactly the logits of `model.forward`.
     """
 
-    def __init__(self, model, x, cond):
+    def __init__(self, model, x, z):
         self.model, self.x, self.pad = model, x, model.layers[0].pad
         batch, hidden, h, w = x.shape
-        # The position features are kept whole (16 channels), the layers' terms ([B, 2H, 1, w] each) for one row
-        # at a time: for the full preset all of them at once would take gigabytes.
-        self.cond, self.pos, self.terms = cond, model.positions(h, w), None
+        z = model.full_z(z, batch)
+        # The position features are kept whole (16 channels plus any z maps), the layers' terms ([B, 2H, 1, w]
+        # each) for one row at a time: for the full preset all of them at once would take gigabytes.
+        self.cond, self.pos, self.terms = model.condition(z, batch), model.positions(h, w, z), None
         self.vs = [x.new_zeros(batch, hidden, h, w) for _ in model.layers]
         self.hs = [x.new_zeros(batch, hidden, 1, w) for _ in model.layers]
         self.links, self.row = None, -1
@@ -393,10 +420,9 @@ def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance
     try:
         codes = torch.zeros(batch, *shape, dtype=torch.long, device=model.embedding.weight.device)
         x = model.embed(codes).contiguous()
-        cond = model.condition(z, batch)
-        caches = [_RasterCache(model, x, cond)]
-        if guidance != 1.0 and cond is not None:
-            caches.append(_RasterCache(model, x, model.condition(None, batch)))
+        caches = [_RasterCache(model, x, z)]
+        if guidance != 1.0 and model.cond_embed is not None:
+            caches.append(_RasterCache(model, x, None))
         return _fill_raster(model, caches, codes, x, temperature, generator, guidance, top_k, top_p)
     finally:
         model.train(was_training)

@@ -113,7 +113,7 @@ def test_incremental_cache_matches_forward(n_layers, kernel_size, shape, feature
     z = torch.tensor([3, -1]) if conditional else None
     with torch.no_grad():
         full = model(indices, z)
-        cache = model_pixelCNN._RasterCache(model, model.embed(indices), model.condition(z, 2))
+        cache = model_pixelCNN._RasterCache(model, model.embed(indices), z)
         for i in range(shape[0]):
             cache.start_row(i)
             for j in range(shape[1]):
@@ -369,3 +369,51 @@ def test_fast_sampler_matches_naive_sampler_with_truncation():
     fast = sample_codes(model, (5, 6), z, 0.9, torch.Generator().manual_seed(4), guidance=2.0, top_k=4, top_p=0.8)
     slow = naive_sample(model, (5, 6), z, 0.9, torch.Generator().manual_seed(4), guidance=2.0, top_k=4, top_p=0.8)
     assert torch.equal(fast, slow)
+
+
+def z_map_model(**kwargs):
+    """A small model with random z maps (they start at zero, which would hide their effect)."""
+    model = small_model(z_maps=3, z_map_size=4, num_z=5, **kwargs)
+    with torch.no_grad():
+        model.z_map.normal_()
+    return model
+
+
+@pytest.mark.parametrize("position", [False, True])
+def test_z_maps_incremental_cache_matches_forward(position):
+    model = z_map_model(position=position, n_layers=3)
+    indices, z = torch.randint(0, 16, (3, 6, 7)), torch.tensor([4, -1, 0])
+    with torch.no_grad():
+        full = model(indices, z)
+        cache = model_pixelCNN._RasterCache(model, model.embed(indices), z)
+        for i in range(6):
+            cache.start_row(i)
+            for j in range(7):
+                torch.testing.assert_close(cache.logits_at(j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
+
+
+def test_z_maps_pick_each_z_its_own_map_and_the_null_map_for_unknown():
+    model = z_map_model(position=True)
+    pos = model.positions(4, 4, torch.tensor([2, -1]))
+    assert pos.shape == (2, model_pixelCNN.POSITION_FEATURES + 3, 4, 4)
+    torch.testing.assert_close(pos[0, model_pixelCNN.POSITION_FEATURES:], model.z_map[2])
+    torch.testing.assert_close(pos[1, model_pixelCNN.POSITION_FEATURES:], model.z_map[5])  # num_z = 5: the null row
+    torch.testing.assert_close(pos[0, :model_pixelCNN.POSITION_FEATURES], model._sinusoids(4, 4)[0])
+    # On another grid size the map is resized bilinearly (torch's interpolate: the independent computation).
+    wide = model.z_map_for(torch.tensor([1]), 8, 6)
+    torch.testing.assert_close(wide, F.interpolate(model.z_map[1:2], size=(8, 6), mode="bilinear"))
+
+
+def test_z_maps_change_the_logits_with_z_and_keep_causality():
+    model = z_map_model()
+    indices = torch.randint(0, 16, (1, 5, 5))
+    with torch.no_grad():
+        a, b = model(indices, torch.tensor([1])), model(indices, torch.tensor([3]))
+    assert not torch.allclose(a, b)
+    deps = dependency_map(model, (5, 5), 2, 2, z=torch.tensor([1]))
+    assert torch.equal(deps, expected_dependencies((5, 5), 2, 2, n_layers=2, kernel_size=3))  # the map: a bias
+
+
+def test_z_maps_need_a_conditional_model():
+    with pytest.raises(ValueError, match="z_maps needs a conditional model"):
+        small_model(z_maps=2, conditional=False)
