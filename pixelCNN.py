@@ -101,6 +101,9 @@ class PixelCNNPrior(stage_two.Prior):
         return f"codes {config['grid']} of {config['n_codes']}"
 
     def complete_config(self, config, cache, ae):
+        if config["z_maps"] and not config["conditional"]:
+            raise UserError(f"--z-maps {config['z_maps']}: this stage one's data have no z-index, so there is no "
+                            f"map per z-index to learn; leave --z-maps at 0")
         config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed)
         if config["code_features"]:
             config["code_dim"] = ae.quantizer.embed_dim

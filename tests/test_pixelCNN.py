@@ -163,6 +163,21 @@ def test_unconditional_data_trains_and_samples(tmp_path, tiny_data, capsys, cli)
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == cli.grid_size(2, 1)
     assert "2 samples" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^--z-maps 2: this stage one's data have no z-index"):
+        _pc("train", "--ae", vq / "best.pt", "--preset", "smoke", "--out", tmp_path / "zm", "--z-maps", 2)
+
+
+def test_z_maps_train_one_map_per_z_index_and_sample(tmp_path, vqvae_run, pcnn_run, capsys, cli):
+    out = tmp_path / "zmaps"
+    _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--z-maps", 2, "--out", out)
+    best = util.load_checkpoint(out / "best.pt", kind="pixelcnn")
+    maps = best["model"]["z_map"]
+    assert best["config"]["z_maps"] == 2 and maps.shape[:2] == (best["config"]["num_z"] + 1, 2)
+    assert maps.abs().sum() > 0  # they start at zero: training moved them
+    assert "z_map" not in util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")["model"]
+    capsys.readouterr()
+    _pc("sample", "--ckpt", out / "best.pt", "--n", 1, "--z", "0,9", "--device", "cpu", "--out", tmp_path / "s.png")
+    assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
 
 
 # ----------------------------------------------------------------------------------------------
