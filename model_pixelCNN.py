@@ -9,7 +9,8 @@ The model follows van den Oord et al., 2016, "Conditional Image Generation with 
 - the horizontal stack has residual connections, every layer sends a skip connection to the output head
   (ReLU -> 1x1 conv -> ReLU -> 1x1 conv) which gives logits over the K codes at every position;
 - optionally (`position`, on in every preset of pixelCNN.py) each layer is also conditioned on the cell's row and
-  column, and (`code_dim`) codes are embedded and predicted through their stage-one codebook vectors.
+  column, (`code_dim`) codes are embedded and predicted through their stage-one codebook vectors, and (`coarse`)
+  every layer also sees a half-resolution summary of the rows above (`CoarseContext`), a coarse-to-fine path.
 
 Public API:
 - `GatedPixelCNN(n_codes, ...)`: `forward(indices, z) -> logits [B, K, h, w]`; `model.config` is a dict of
@@ -115,6 +116,40 @@ class GatedLayer(nn.Module):
         return self.horizontal_out(pre, h, link, cond_h)
 
 
+class CoarseContext(nn.Module):
+    """A causal half-resolution path: what the rows above hold, summarised at half the grid's resolution.
+
+    The embedded grid is average-pooled 2x2 (coarse row R holds fine rows 2R and 2R+1), then `n_layers` residual
+    gated layers of vertical-stack convolutions (coarse row R sees coarse rows R-p..R and every column within p)
+    reach k//2 coarse rows per layer, twice the fine stacks' reach; the result is shifted down one coarse row and
+    repeated back to the fine grid, so fine row i receives coarse rows < i // 2, i.e. fine rows < 2 (i // 2) <= i:
+    whole rows that raster order has already drawn.  Every gated layer reads it through its position term.
+    """
+
+    def __init__(self, hidden, n_layers, kernel_size, cond_dim=0, pos_dim=0):
+        super().__init__()
+        self.pad = kernel_size // 2
+        self.inp = nn.Conv2d(hidden + pos_dim, hidden, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(hidden, 2 * hidden, (self.pad + 1, kernel_size))
+                                   for _ in range(n_layers))
+        self.cond_proj = nn.ModuleList(nn.Linear(cond_dim, 2 * hidden) for _ in range(n_layers)) if cond_dim else None
+        self.out = nn.Conv2d(hidden, hidden, 1)
+
+    def forward(self, x, cond=None, pos=None):
+        """Embedded grid [B, H, h, w] (condition [B, cond_dim], position features [1, P, h, w]) -> [B, H, h, w]."""
+        h, w = x.shape[-2:]
+        if pos is not None:
+            x = torch.cat([x, pos.expand(len(x), -1, -1, -1)], 1)
+        c = self.inp(F.avg_pool2d(F.pad(x, (0, w % 2, 0, h % 2)), 2))  # zero padding below / right: odd sizes
+        for i, conv in enumerate(self.convs):
+            pre = conv(F.pad(c, (self.pad, self.pad, self.pad, 0)))
+            if self.cond_proj is not None and cond is not None:
+                pre = pre + self.cond_proj[i](F.silu(cond))[:, :, None, None]
+            c = c + _gate(pre)
+        c = _shift_down(self.out(c))
+        return c.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)[:, :, :h, :w]
+
+
 class GatedPixelCNN(nn.Module):
     """Conditional gated PixelCNN over a code grid: `forward(indices [B,h,w], z [B]) -> logits [B,K,h,w]`.
 
@@ -129,16 +164,21 @@ class GatedPixelCNN(nn.Module):
     embedding and the output layer's row of every code are a learned function of that vector plus a per-code
     table that starts at zero, so codes close in the codebook share what the prior learns about each of them
     (1024 codes over ~1.7k training grids: most are rare at every position).
+    With `coarse` L, every layer also reads the `CoarseContext` of L half-resolution layers (kernel k), which
+    reaches the rows above twice as fast as the fine stacks and sees each row whole.
     The grid size is free: one model handles 16x16 and 32x32 grids alike.
     """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
-                 cond_dim=None, dropout=0.0, code_dim=None, position=False, z_maps=0, z_map_size=16):
+                 cond_dim=None, dropout=0.0, code_dim=None, position=False, z_maps=0, z_map_size=16,
+                 coarse=0):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if n_layers < 1 or n_codes < 2 or hidden < 1:
             raise ValueError(f"need n_layers >= 1, n_codes >= 2, hidden >= 1; got {n_layers}, {n_codes}, {hidden}")
+        if coarse < 0:
+            raise ValueError(f"coarse must be >= 0 (layers of the half-resolution path), got {coarse}")
         if z_maps and not conditional:
             raise ValueError("z_maps needs a conditional model (a map per z-index)")
         cond_dim = (cond_dim or hidden) if conditional else 0
@@ -146,14 +186,16 @@ class GatedPixelCNN(nn.Module):
                            kernel_size=int(kernel_size), conditional=bool(conditional), num_z=int(num_z),
                            cond_dim=int(cond_dim) or None, dropout=float(dropout),
                            code_dim=int(code_dim) if code_dim else None, position=bool(position),
-                           z_maps=int(z_maps), z_map_size=int(z_map_size))
+                           z_maps=int(z_maps), z_map_size=int(z_map_size), coarse=int(coarse))
         self.n_codes = n_codes
         self.embedding = nn.Embedding(n_codes, hidden)
         self.cond_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
         self.layers = nn.ModuleList(
             GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout,
-                       pos_dim=(POSITION_FEATURES if position else 0) + z_maps)
+                       pos_dim=(POSITION_FEATURES if position else 0) + z_maps + (hidden if coarse else 0))
             for i in range(n_layers))
+        self.coarse = CoarseContext(hidden, coarse, kernel_size, cond_dim, POSITION_FEATURES if position else 0
+                                    ) if coarse else None
         # One learned map per z-index (and one for the null token, the last row), read at the grid's size: where
         # each kind of tissue lies at that slice level, which position sinusoids plus a z bias can express only
         # through the gates' nonlinearity.  Zero at the start: the model begins as one without them.
@@ -177,6 +219,15 @@ class GatedPixelCNN(nn.Module):
             return sines
         maps = self.z_map_for(z, h, w)
         return maps if sines is None else torch.cat([sines.expand(len(maps), -1, -1, -1), maps], 1)
+
+    def context(self, x, z, cond):
+        """Everything a layer's position term reads for the embedded grid `x` [B, H, h, w] with z-indices `z` [B]
+        and condition `cond`: `positions`, then (`coarse`) the `CoarseContext` of `x`; None for none of them."""
+        pos = self.positions(*x.shape[-2:], z)
+        if self.coarse is None:
+            return pos
+        summary = self.coarse(x, cond, self._sinusoids(*x.shape[-2:]) if self.config["position"] else None)
+        return summary if pos is None else torch.cat([pos.expand(len(summary), -1, -1, -1), summary], 1)
 
     def z_map_for(self, z, h, w):
         """The learned maps [B, z_maps, h, w] of z-indices `z` [B] (-1 = unknown: the null token's map)."""
@@ -234,7 +285,7 @@ class GatedPixelCNN(nn.Module):
     def forward_embedded(self, x, z):
         """Logits from an already embedded whole grid [B, hidden, h, w] (tests take gradients w.r.t. the input)."""
         cond = self.condition(z, x.shape[0])
-        terms = self.layer_terms(cond, self.positions(*x.shape[-2:], self.full_z(z, x.shape[0])))
+        terms = self.layer_terms(cond, self.context(x, self.full_z(z, x.shape[0]), cond))
         links, v = [], x
         for layer, (cond_v, _) in zip(self.layers, terms):
             v, link = layer.vertical(v, cond_v)
@@ -325,9 +376,10 @@ class _RasterCache:
         self.model, self.x, self.pad = model, x, model.layers[0].pad
         batch, hidden, h, w = x.shape
         z = model.full_z(z, batch)
-        # The position features are kept whole (16 channels plus any z maps), the layers' terms ([B, 2H, 1, w]
-        # each) for one row at a time: for the full preset all of them at once would take gigabytes.
-        self.cond, self.pos, self.terms = model.condition(z, batch), model.positions(h, w, z), None
+        # The position features are kept whole (16 channels plus any z maps and coarse summary), the layers' terms
+        # ([B, 2H, 1, w] each) for one row at a time: for the full preset all of them at once would take gigabytes.
+        self.z, self.cond, self.terms = z, model.condition(z, batch), None
+        self.pos = model.context(x, z, self.cond)
         self.vs = [x.new_zeros(batch, hidden, h, w) for _ in model.layers]
         self.hs = [x.new_zeros(batch, hidden, 1, w) for _ in model.layers]
         self.links, self.row = None, -1
@@ -346,6 +398,8 @@ class _RasterCache:
                 self.links.append(layer.link(pre))
                 v[:, :, r: r + 1] = _gate(pre + cond_v)
                 below = v
+        if self.model.coarse is not None and i % 2 == 0:  # rows 2R and 2R+1 read rows < 2R: now all drawn
+            self.pos = self.model.context(self.x, self.z, self.cond)
         self.terms = self.model.layer_terms(self.cond, None if self.pos is None else self.pos[:, :, i: i + 1])
         self.row = i
 

@@ -30,6 +30,8 @@ HYPERS = [
       "location-dependent conditioning as in van den Oord et al. 2016)", "model", before=False),
     H("z_maps", 0, "channels of a learned map per z-index that conditions every layer (where each tissue lies at "
       "that slice level; 0: none)", "model"),
+    H("coarse", 0, "layers of a causal half-resolution path whose summary of the rows above every layer reads "
+      "(a coarse-to-fine path for the layout; 0: none)", "model", low=0),
     H("code_features", False, "embed and predict each code through a learned function of its stage-one codebook "
       "vector (plus a per-code table), so codes close in the codebook share what the prior learns", "model"),
     H("sample_every", 1, "write a sample grid every N validations", "output", low=1),
