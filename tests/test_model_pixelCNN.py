@@ -417,3 +417,89 @@ def test_z_maps_change_the_logits_with_z_and_keep_causality():
 def test_z_maps_need_a_conditional_model():
     with pytest.raises(ValueError, match="z_maps needs a conditional model"):
         small_model(z_maps=2, conditional=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The half-resolution path (`coarse`)
+
+
+def coarse_dependencies(shape, i, j, coarse, kernel_size):
+    """What the coarse summary at fine cell (i, j) reads: coarse row R = i // 2 holds coarse rows R-1-L*p .. R-1
+    and coarse columns j // 2 +- L*p after L layers of reach p, each coarse cell being fine rows and columns 2R, 2R+1."""
+    reach, (r, c) = coarse * (kernel_size // 2), (i // 2, j // 2)
+    dep = torch.zeros(shape, dtype=torch.bool)
+    for cr in range(max(0, r - 1 - reach), r):
+        dep[2 * cr: 2 * cr + 2, max(0, 2 * (c - reach)): 2 * (c + reach + 1)] = True
+    return dep
+
+
+@pytest.mark.parametrize("shape,coarse,position", [((10, 10), 1, False), ((11, 9), 2, True), ((16, 16), 3, True)])
+def test_coarse_path_is_causal_and_reaches_what_it_should(shape, coarse, position):
+    # One fine layer: the summary enters only through the cell's own position term, so the dependencies are the
+    # fine layer's receptive field plus exactly the coarse cells the half-resolution layers reach.
+    model = small_model(n_layers=1, kernel_size=3, coarse=coarse, position=position)
+    h, w = shape
+    for i, j in [(0, 0), (1, w - 1), (2, 0), (3, 4), (h - 1, w - 1), (h // 2, w // 2), (h - 2, 1)]:
+        dep = dependency_map(model, shape, i, j)
+        future = torch.zeros(h * w, dtype=torch.bool)
+        future[i * w + j:] = True
+        assert not (dep & future.view(shape)).any(), f"({i},{j}) sees itself or the future"
+        expected = expected_dependencies(shape, i, j, 1, 3) | coarse_dependencies(shape, i, j, coarse, 3)
+        assert torch.equal(dep, expected), f"({i},{j})"
+
+
+def test_coarse_path_reaches_rows_the_fine_stacks_do_not():
+    plain, coarse = small_model(n_layers=2, kernel_size=3), small_model(n_layers=2, kernel_size=3, coarse=3)
+    far = dependency_map(coarse, (16, 16), 15, 8)
+    assert not dependency_map(plain, (16, 16), 15, 8)[:10].any()  # the fine stacks reach 2 x 1 + 1 rows up
+    assert far[8:10].all() and far[6:8, 2:16].all()  # coarse rows 3..6 from row 7, columns 1..7 from 4
+
+
+@pytest.mark.parametrize("shape,position,conditional", [((9, 11), False, True), ((6, 7), True, True),
+                                                        ((8, 8), True, False)])
+def test_coarse_incremental_cache_matches_forward(shape, position, conditional):
+    # Odd sizes: the pooled grid is padded below and right; the cache recomputes the summary every other row.
+    model = small_model(n_layers=3, kernel_size=3, coarse=2, position=position, conditional=conditional)
+    indices = torch.randint(0, 16, (2, *shape))
+    z = torch.tensor([3, -1]) if conditional else None
+    with torch.no_grad():
+        full = model(indices, z)
+        cache = model_pixelCNN._RasterCache(model, model.embed(indices), z)
+        for i in range(shape[0]):
+            cache.start_row(i)
+            for j in range(shape[1]):
+                torch.testing.assert_close(cache.logits_at(j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
+
+
+def test_coarse_fast_sampler_matches_naive_sampler_with_guidance():
+    model = small_model(n_layers=2, kernel_size=3, coarse=2, position=True)
+    z = torch.tensor([0, 7, 30, -1])
+    fast = sample_codes(model, (7, 6), z, 1.0, torch.Generator().manual_seed(3), guidance=2.5)
+    slow = naive_sample(model, (7, 6), z, 1.0, torch.Generator().manual_seed(3), guidance=2.5)
+    assert torch.equal(fast, slow)
+
+
+def test_coarse_summary_is_the_pooled_causal_stack_repeated():
+    # Independent of CoarseContext.forward: pool, run the stack, shift and repeat by hand.
+    model = small_model(n_layers=1, kernel_size=3, coarse=1, position=False)
+    net, x = model.coarse, torch.randn(2, 16, 6, 8)
+    cond = model.condition(torch.tensor([4, -1]), 2)
+    with torch.no_grad():
+        pooled = net.inp((x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]) / 4)
+        pre = F.conv2d(F.pad(pooled, (1, 1, 1, 0)), net.convs[0].weight, net.convs[0].bias)
+        c = net.out(pooled + model_pixelCNN._gate(pre + net.cond_proj[0](F.silu(cond))[:, :, None, None]))
+        want = torch.zeros_like(c)
+        want[:, :, 1:] = c[:, :, :-1]
+        want = want[:, :, [0, 0, 1, 1, 2, 2]][..., [0, 0, 1, 1, 2, 2, 3, 3]]
+        torch.testing.assert_close(net(x, cond), want)
+
+
+def test_coarse_must_not_be_negative_and_round_trips():
+    with pytest.raises(ValueError, match="coarse must be >= 0"):
+        small_model(coarse=-1)
+    model = small_model(coarse=2)
+    rebuilt = GatedPixelCNN(**json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    indices = torch.randint(0, 16, (2, 5, 6))
+    assert torch.equal(rebuilt.eval()(indices, torch.tensor([1, 2])), model(indices, torch.tensor([1, 2])))
+    assert "coarse" not in "".join(small_model().state_dict())

@@ -180,6 +180,21 @@ def test_z_maps_train_one_map_per_z_index_and_sample(tmp_path, vqvae_run, pcnn_r
     assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
 
 
+def test_coarse_trains_its_half_resolution_path_and_samples(tmp_path, vqvae_run, pcnn_run, capsys, cli):
+    out = tmp_path / "coarse"
+    _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--coarse", 2, "--out", out)
+    best = util.load_checkpoint(out / "best.pt", kind="pixelcnn")
+    assert best["config"]["coarse"] == 2 and "coarse.convs.1.weight" in best["model"]
+    assert best["config"]["kernel_size"] == 3 and best["model"]["coarse.convs.0.weight"].shape[-2:] == (2, 3)
+    assert not any(k.startswith("coarse.") for k in util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")["model"])
+    capsys.readouterr()
+    _pc("sample", "--ckpt", out / "best.pt", "--n", 1, "--z", "0,9", "--device", "cpu", "--out", tmp_path / "s.png")
+    assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+    with pytest.raises(UserError, match=r"^--coarse -1: must be >= 0"):
+        _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--coarse", -1, "--out", tmp_path / "neg")
+    assert not (tmp_path / "neg").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and evaluation
 
