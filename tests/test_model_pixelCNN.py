@@ -101,14 +101,8 @@ def code_feature_model(seed=0, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("n_layers,kernel_size,shape,features,position,conditional",
-                         [(2, 3, (9, 11), False, False, True), (3, 5, (7, 6), False, False, True),
-                          (2, 3, (9, 11), True, False, True), (3, 3, (9, 11), False, True, True),
-                          (2, 3, (9, 11), True, True, True), (2, 3, (6, 7), False, True, False)])
-def test_incremental_cache_matches_forward(n_layers, kernel_size, shape, features, position, conditional):
-    # The grid is larger than the receptive field in the first case, so the caches' cropping matters.
-    model = (code_feature_model if features else small_model)(n_layers=n_layers, kernel_size=kernel_size,
-                                                               position=position, conditional=conditional)
+def assert_cache_matches_forward(model, shape, conditional):
+    """The raster cache's logits at every cell equal the full forward pass's, on random codes."""
     indices = torch.randint(0, 16, (2, *shape))
     z = torch.tensor([3, -1]) if conditional else None
     with torch.no_grad():
@@ -118,6 +112,17 @@ def test_incremental_cache_matches_forward(n_layers, kernel_size, shape, feature
             cache.start_row(i)
             for j in range(shape[1]):
                 torch.testing.assert_close(cache.logits_at(j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_layers,kernel_size,shape,features,position,conditional",
+                         [(2, 3, (9, 11), False, False, True), (3, 5, (7, 6), False, False, True),
+                          (2, 3, (9, 11), True, False, True), (3, 3, (9, 11), False, True, True),
+                          (2, 3, (9, 11), True, True, True), (2, 3, (6, 7), False, True, False)])
+def test_incremental_cache_matches_forward(n_layers, kernel_size, shape, features, position, conditional):
+    # The grid is larger than the receptive field in the first case, so the caches' cropping matters.
+    model = (code_feature_model if features else small_model)(n_layers=n_layers, kernel_size=kernel_size,
+                                                               position=position, conditional=conditional)
+    assert_cache_matches_forward(model, shape, conditional)
 
 
 def naive_sample(model, shape, z, temperature, generator, guidance=1.0, top_k=0, top_p=1.0):
@@ -460,15 +465,7 @@ def test_coarse_path_reaches_rows_the_fine_stacks_do_not():
 def test_coarse_incremental_cache_matches_forward(shape, position, conditional):
     # Odd sizes: the pooled grid is padded below and right; the cache recomputes the summary every other row.
     model = small_model(n_layers=3, kernel_size=3, coarse=2, position=position, conditional=conditional)
-    indices = torch.randint(0, 16, (2, *shape))
-    z = torch.tensor([3, -1]) if conditional else None
-    with torch.no_grad():
-        full = model(indices, z)
-        cache = model_pixelCNN._RasterCache(model, model.embed(indices), z)
-        for i in range(shape[0]):
-            cache.start_row(i)
-            for j in range(shape[1]):
-                torch.testing.assert_close(cache.logits_at(j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
+    assert_cache_matches_forward(model, shape, conditional)
 
 
 def test_coarse_fast_sampler_matches_naive_sampler_with_guidance():
