@@ -143,13 +143,16 @@ class StageOneTask(tr.Task):
         if self.perceptual is not None:
             self.perceptual = self.perceptual.to(device)
         self.models["model"] = self.model
-        self.optimizers["opt"] = torch.optim.Adam(self.model.parameters(), lr=config["lr"], betas=(0.5, 0.9))
+        # fused: one kernel per step instead of a dozen per tensor (1.05x a demo step on CPU, docs/RESULTS.md)
+        self.optimizers["opt"] = torch.optim.Adam(self.model.parameters(), lr=config["lr"], betas=(0.5, 0.9),
+                                                  fused=True)
         self.use_gan = config["disc_weight"] > 0 and config["disc_start"] < config["steps"]
         if self.use_gan:
             self.disc = PatchDiscriminator(1, config["disc_ch"], config["disc_layers"], config["conditional"],
                                            config["num_z"], highpass=config["disc_highpass"]).to(device)
             self.models["disc"] = self.disc
-            self.optimizers["opt_disc"] = torch.optim.Adam(self.disc.parameters(), lr=config["lr"], betas=(0.5, 0.9))
+            self.optimizers["opt_disc"] = torch.optim.Adam(self.disc.parameters(), lr=config["lr"],
+                                                           betas=(0.5, 0.9), fused=True)
             self.lr_scale["opt_disc"] = config["disc_lr_mult"]
             self.trained = ("model", "disc")
 
@@ -190,32 +193,51 @@ class StageOneTask(tr.Task):
         if gan_on:
             # Disc is neither trained nor weighted before disc_start: early adversarial gradients wreck
             # reconstructions while the decoder is still learning the anatomy.
-            with util.autocast(self.device):
-                logits, fake_features = self.nets["disc"](recon, z, features=True)
-                g = generator_loss(logits.float(), cfg["gan_loss"])
-            w = adaptive_gan_weight(nll, g, self.model.decoder.last_layer) * cfg["disc_weight"]
-            loss = loss + w * g
-            logs.update({"loss/g": g.detach(), "w/gan": w.detach()})
-            if cfg["fm_weight"] > 0:
-                with torch.no_grad(), util.autocast(self.device):
-                    real_features = self.nets["disc"](x, z, features=True)[1]
-                fm = feature_matching_loss([f.float() for f in fake_features], [r.float() for r in real_features])
-                loss = loss + cfg["fm_weight"] * fm
-                logs["loss/fm"] = fm.detach()
+            d_real, d_fake, real_features = self.discriminator_pass(x, recon.detach(), z)
+            loss = loss + self.adversarial_loss(recon, z, nll, real_features, logs)
         opt = self.optimizers["opt"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if gan_on:
-            logs["loss/d"] = self.discriminator_step(x, recon.detach(), z)
+            logs["loss/d"] = self.discriminator_step(d_real, d_fake)
         logs["loss/total"] = loss.detach()
         return logs
 
-    def discriminator_step(self, x, fake, z):
-        """One PatchGAN update on real slices against the current reconstructions."""
+    def discriminator_pass(self, x, fake, z):
+        """The discriminator on real slices and detached reconstructions in one batch (its GroupNorm is per
+        sample, so this equals two passes): logits for its own update, and the real slices' features,
+        which are also feature matching's targets (the same weights judge both before the update)."""
+        both_z = None if z is None else torch.cat([z, z])
         with util.autocast(self.device):
-            real_logits = self.nets["disc"](x, z).float()
-            fake_logits = self.nets["disc"](fake, z).float()
+            logits, features = self.nets["disc"](torch.cat([x, fake]), both_z, features=True)
+        real_logits, fake_logits = logits.float().chunk(2)
+        return real_logits, fake_logits, [f[: len(x)].detach().float() for f in features]
+
+    def adversarial_loss(self, recon, z, nll, real_features, logs):
+        """The generator's weighted GAN (+ feature-matching) loss. The discriminator's weights are frozen
+        for this pass: the generator needs gradients through it, not of it (they would be discarded). It
+        calls the plain module: with no weight gradients there is nothing for DDP to reduce, and a second
+        DDP forward before the discriminator's backward would break that backward's reduction."""
+        cfg = self.config
+        self.disc.requires_grad_(False)
+        try:
+            with util.autocast(self.device):
+                logits, fake_features = self.disc(recon, z, features=True)
+                g = generator_loss(logits.float(), cfg["gan_loss"])
+        finally:
+            self.disc.requires_grad_(True)
+        w = adaptive_gan_weight(nll, g, self.model.decoder.last_layer) * cfg["disc_weight"]
+        logs.update({"loss/g": g.detach(), "w/gan": w.detach()})
+        adv = w * g
+        if cfg["fm_weight"] > 0:
+            fm = feature_matching_loss([f.float() for f in fake_features], real_features)
+            logs["loss/fm"] = fm.detach()
+            adv = adv + cfg["fm_weight"] * fm
+        return adv
+
+    def discriminator_step(self, real_logits, fake_logits):
+        """One PatchGAN update on real slices against the current reconstructions."""
         loss = d_loss(self.config["gan_loss"], real_logits, fake_logits)
         opt = self.optimizers["opt_disc"]
         opt.zero_grad(set_to_none=True)

@@ -99,6 +99,65 @@ def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
     assert all("loss/g" in r for r in records if r["step"] > 4 and "loss/rec" in r)
 
 
+def _gan_task(gan_loss):
+    """A smoke-preset VQ-VAE task with the GAN and feature matching on from step 0, and one batch."""
+    cfg = trainer.preset_values(prestage_train.HYPERS, prestage_train.PRESETS, "smoke")
+    cfg.update(model="vqvae", conditional=True, num_z=8, disc_start=0, fm_weight=1.0, gan_loss=gan_loss)
+    val = (torch.zeros(1, 1, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+    task = prestage_train.StageOneTask(cfg, torch.device("cpu"), val)
+    task.nets = dict(task.models)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 32, 32, generator=g) * 2 - 1
+    return task, x, torch.tensor([0, 3, 7])
+
+
+@pytest.mark.parametrize("gan_loss", ["hinge", "nonsat"])
+def test_gan_step_equals_separate_discriminator_passes(gan_loss):
+    """One discriminator pass on real + fake, a frozen pass for the generator and reused real features give the
+    gradients of the textbook form: separate real and fake passes, the generator's through a trainable D."""
+    from model_discriminator import adaptive_gan_weight, d_loss, feature_matching_loss, generator_loss
+    task, x, z = _gan_task(gan_loss)
+    params, disc = list(task.model.parameters()), task.disc
+    recon = task.model(x, z)["recon"]
+    rec, perc = task.reconstruction_loss(recon, x)
+    nll = rec + task.config["perceptual_weight"] * perc
+    # the reference, written out: every pass separate, D trainable throughout
+    logits, fake_f = disc(recon, z, features=True)
+    g = generator_loss(logits, gan_loss)
+    with torch.no_grad():
+        real_f = disc(x, z, features=True)[1]
+    ref = adaptive_gan_weight(nll, g, task.model.decoder.last_layer) * task.config["disc_weight"] * g
+    ref = ref + feature_matching_loss(fake_f, real_f)
+    ref_grads = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+    ref_d = d_loss(gan_loss, disc(x, z), disc(recon.detach(), z))
+    ref_d_grads = torch.autograd.grad(ref_d, list(disc.parameters()))
+    # the trainer's form
+    d_real, d_fake, real_features = task.discriminator_pass(x, recon.detach(), z)
+    logs = {}
+    adv = task.adversarial_loss(recon, z, nll, real_features, logs)
+    assert all(p.requires_grad for p in disc.parameters())  # unfrozen again for its own update
+    grads = torch.autograd.grad(adv, params, retain_graph=True, allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert logs["loss/fm"] > 0 and torch.isfinite(logs["w/gan"])
+    adv.backward()
+    assert all(p.grad is None for p in disc.parameters())  # no weight gradients for D from the generator's loss
+    new_d = d_loss(gan_loss, d_real, d_fake)
+    torch.testing.assert_close(new_d, ref_d, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(new_d, list(disc.parameters())), ref_d_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_discriminator_is_unfrozen_when_the_generator_pass_fails():
+    task, x, z = _gan_task("hinge")
+    recon = task.model(x, z)["recon"]
+    with pytest.raises(RuntimeError):
+        task.adversarial_loss(recon[:, :, :5], z, recon.mean(), [], {})  # too small for the PatchGAN
+    assert all(p.requires_grad for p in task.disc.parameters())
+
+
 @pytest.mark.parametrize("model", ["vae", "vqvae"])
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_data, model):
     common = ["--model", model, "--preset", "smoke", "--data", tiny_data, "--steps", 10, "--disc-start", 3]

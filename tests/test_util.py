@@ -28,6 +28,22 @@ def test_ssim_matches_skimage():
     assert torch.allclose(util.ssim(x, x), torch.ones(len(x)))
 
 
+def test_valid_blur_matrix_is_numpy_valid_correlation():
+    g = util._gaussian_window(11, 1.5)
+    t = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    ref = np.stack([np.correlate(row, g.numpy(), mode="valid") for row in t.numpy()])
+    np.testing.assert_allclose((t @ util._valid_blur_matrix(40, g)).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ssim_matches_skimage_on_a_non_square_multichannel_pair():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 24, 37, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    ref = [structural_similarity(x[i].numpy(), y[i].numpy(), gaussian_weights=True, sigma=1.5, channel_axis=0,
+                                 use_sample_covariance=False, data_range=2.0) for i in range(len(x))]
+    np.testing.assert_allclose(util.ssim(x, y).numpy(), ref, atol=1e-5)
+
+
 def test_psnr_matches_skimage():
     x, y = _pair(1)
     ref = [peak_signal_noise_ratio(x[i, 0].numpy(), y[i, 0].numpy(), data_range=2.0) for i in range(len(x))]
