@@ -514,6 +514,8 @@ def _valid_blur_matrix(n, g):
 
 def _ssim_maps(x, y, data_range, size=11, sigma=1.5):
     """Per-pixel SSIM and contrast-structure maps over the 'valid' region (no padding)."""
+    if min(x.shape[-2:]) < size:
+        raise ValueError(f"SSIM's {size}x{size} window needs images at least that large, got {tuple(x.shape[-2:])}")
     g = _gaussian_window(size, sigma, x.device, x.dtype)
     rows, cols = _valid_blur_matrix(x.shape[-2], g), _valid_blur_matrix(x.shape[-1], g)
 

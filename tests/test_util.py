@@ -44,6 +44,13 @@ def test_ssim_matches_skimage_on_a_non_square_multichannel_pair():
     np.testing.assert_allclose(util.ssim(x, y).numpy(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(10, 32), (32, 10), (5, 5)])
+def test_ssim_refuses_images_smaller_than_its_window(shape):
+    x = torch.zeros(1, 1, *shape)
+    with pytest.raises(ValueError, match="11x11 window"):
+        util.ssim(x, x)
+
+
 def test_psnr_matches_skimage():
     x, y = _pair(1)
     ref = [peak_signal_noise_ratio(x[i, 0].numpy(), y[i, 0].numpy(), data_range=2.0) for i in range(len(x))]
