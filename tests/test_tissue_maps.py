@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 from PIL import Image
 
@@ -89,6 +90,36 @@ def test_labelled_grids_hold_seg_levels_and_overlays_in_sample_order(tmp_path):
 def test_segnet_takes_extra_input_channels():
     net = evaluation.SegNet(width=4, in_channels=3)
     assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 4, 16, 16)
+
+
+def _segnet_by_hand(net, x):
+    """SegNet's forward as plain functional calls on contiguous (NCHW) copies of its weights."""
+    w = {k: v.contiguous() for k, v in net.state_dict().items()}
+
+    def block(name, h):
+        h = F.relu(F.conv2d(h, w[f"{name}.0.weight"], w[f"{name}.0.bias"], padding=1))
+        return F.relu(F.conv2d(h, w[f"{name}.2.weight"], w[f"{name}.2.bias"], padding=1))
+    e1 = block("enc1", x)
+    e2 = block("enc2", F.max_pool2d(e1, 2))
+    m = block("mid", F.max_pool2d(e2, 2))
+    d2 = block("dec2", torch.cat([F.conv_transpose2d(m, w["up2.weight"], w["up2.bias"], stride=2), e2], 1))
+    d1 = block("dec1", torch.cat([F.conv_transpose2d(d2, w["up1.weight"], w["up1.bias"], stride=2), e1], 1))
+    return F.conv2d(d1, w["out.weight"], w["out.bias"])
+
+
+def test_channels_last_segnet_equals_its_plain_layout_forward_and_gradients():
+    torch.manual_seed(0)
+    net = evaluation.SegNet(width=4, in_channels=2)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    x = torch.randn(3, 2, 16, 12)
+    out = net(x)
+    assert torch.allclose(out, _segnet_by_hand(net, x), atol=1e-5)
+    out.square().sum().backward()  # the gradients arrive in the parameters' own layout, each equal to NCHW's
+    plain = {k: v.detach().contiguous().requires_grad_() for k, v in net.named_parameters()}
+    ref = torch.func.functional_call(net, plain, (x,))
+    grads = torch.autograd.grad(ref.square().sum(), list(plain.values()))
+    for (name, p), g in zip(net.named_parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-4, rtol=1e-4), name
 
 
 # ----------------------------------------------------------------------------------------------
