@@ -137,10 +137,12 @@ def autocast(device, enabled=True):
 
 
 @torch.no_grad()
-def map_batches(fn, tensors, device, batch_size=64, amp=True):
+def map_batches(fn, tensors, device, batch_size=None, amp=True):
     """`fn(*batch)` over aligned tensors, `batch_size` rows at a time moved to `device` (under bf16 autocast on
     CUDA unless `amp` is False); the outputs are concatenated on the CPU. The one batched loop over a split:
-    encode, decode, reconstruct."""
+    encode, decode, reconstruct. Default batch: 64 on CUDA, 16 on the CPU, where the demo autoencoder
+    reconstructs 192 slices in 1.2 s at 8-16 against 2.0 s at 64 (activations that outgrow the caches)."""
+    batch_size = batch_size or (64 if torch.device(device).type == "cuda" else 16)
     outs = []
     for i in range(0, len(tensors[0]), batch_size):
         with autocast(device, enabled=amp):
