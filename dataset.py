@@ -400,6 +400,12 @@ def _seg_pixels(path):
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in ("I", "F") or im.mode.startswith("I;"):  # 16-bit / 32-bit: convert("L") would clip
+                wide = np.asarray(im)
+                if wide.min() < 0 or wide.max() > 255:
+                    raise DataError(path, f"holds levels up to {wide.max():g} (a {im.mode} image); a seg map has "
+                                          f"only 0, 85, 170, 255 ({', '.join(LABELS)}) or the classes 0..3")
+                return wide.astype(np.uint8)
             return np.asarray(im if im.mode == "L" else im.convert("L"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(path, f"unreadable or corrupt seg map ({err})") from None
@@ -440,7 +446,11 @@ def read_label_map(path, size=None):
         raise DataError(path, "no such tissue map (a PNG of the seg levels 0/85/170/255 or the classes 0..3)")
     arr = _seg_pixels(path)
     classes = arr if np.isin(arr, np.arange(len(LABELS))).all() else _levels_to_classes(arr, path)
-    return fit_square(classes, size or max(classes.shape), nearest=True)
+    size = size or max(classes.shape)
+    if classes.shape != (size, size):
+        print(f"note: tissue map {path} is {classes.shape[0]}x{classes.shape[1]}: padded square and resized to "
+              f"{size}x{size} by nearest neighbour")
+    return np.array(fit_square(classes, size, nearest=True))  # a writable copy (torch warns on read-only arrays)
 
 
 def _load_oasis_labels(root, split, items, size):

@@ -115,6 +115,10 @@ def main(argv=None):
     """Run the pipeline end to end."""
     args = parse_args(argv)
     out = args.out
+    for flag, path in (("--out", out), ("--data", args.data)):
+        if path.exists() and not path.is_dir():
+            print(f"error: {flag} {path}: is a file, not a folder", file=sys.stderr)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}

@@ -974,6 +974,7 @@ def main(argv=None):
         raise UserError(f"--n {args.n}: need at least 2 slices")
     if args.segmenter < 0:
         raise UserError(f"--segmenter {args.segmenter}: steps must be 0 (skip) or more")
+    util.check_json_path(args.out, "--out")
     root = dataset.ensure_dataset(args.data, args.size)
     test = dataset.load_split(root, "test", size=args.size)
     images, z = test.tensors()

@@ -57,6 +57,14 @@ class PatchDiscriminator(nn.Module):
         self.z_proj = nn.ModuleList([nn.Linear(cond_dim, w) for w in widths]) if self.conditional else None
         self.apply(_pix2pix_init)
 
+    @staticmethod
+    def logits_size(size, n_layers):
+        """Side of the patch-logit map for a size x size image: each stride-2 layer (4x4, padding 1) halves it
+        (rounding down), the stride-1 layer and the head take one off each; below 1 the network does not run."""
+        for _ in range(n_layers):
+            size //= 2
+        return size - 2
+
     def forward(self, x, z=None, features=False):
         """Patch logits; with features=True, (logits, [the activation after each hidden layer])."""
         cond = self._condition(z, x) if self.conditional else None

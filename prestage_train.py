@@ -277,6 +277,7 @@ def evaluate_only(args):
     """--eval-only: reconstruction metrics of a checkpoint on one split, printed as JSON."""
     if not args.ckpt:
         raise UserError("--eval-only needs --ckpt PATH")
+    util.check_json_path(args.out_json, "--out-json")
     device = util.pick_device(args.device or "auto")
     model, ckpt = load_autoencoder(args.ckpt, device, flag="--ckpt")
     config = ckpt["config"]
@@ -310,11 +311,28 @@ def check_run_keys(config, args):
         raise UserError(f"{where} model {config['model']!r}, which must be vae or vqvae")
     if not isinstance(config.get("data"), (str, type(None))):
         raise UserError(f"{where} data {config['data']!r}, which must be a folder path")
+    uses_gan = config["disc_weight"] > 0 and config["disc_start"] < config["steps"]
+    size, layers = config["size"], config["disc_layers"]
+    if uses_gan and PatchDiscriminator.logits_size(size, layers) < 1:
+        fits = [n for n in range(1, layers) if PatchDiscriminator.logits_size(size, n) >= 1]
+        raise UserError(f"--disc-layers {layers}{' (the run config.json)' if args.resume else ''}: at most "
+                        f"{max(fits, default=0)} stride-2 discriminator layers fit a {size}x{size} slice (each "
+                        f"halves it, and the PatchGAN needs a 3x3 map after them)")
+
+
+def check_command_flags(args):
+    """Flags of --eval-only given to a training command, and --out beside --resume: refused, not ignored."""
+    if not args.eval_only:
+        stray = [f for f, v in (("--ckpt", args.ckpt), ("--out-json", args.out_json)) if v is not None]
+        if stray:
+            raise UserError(f"{stray[0]}: applies only with --eval-only (to evaluate a checkpoint); training "
+                            f"starts from scratch, or continues a run with --resume RUN_DIR")
 
 
 def main(argv=None):
     """Train (or resume, or evaluate) a stage-one autoencoder."""
     args = parse_args(argv)
+    check_command_flags(args)
     if args.eval_only:
         return evaluate_only(args)
     config = tr.resolve_config(args, HYPERS, PRESETS, "stage1", exclude=("eval_only", "split", "ckpt", "out_json"))

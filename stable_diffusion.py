@@ -68,7 +68,7 @@ HYPERS = [
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
     H("min_snr_gamma", 0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0 = plain MSE",
       "loss"),
-    H("ema_decay", 0.9999, "EMA decay of the weights that validation and sampling use", "optimisation"),
+    H("ema_decay", 0.9999, "EMA decay of the weights that validation and sampling use", "optimisation", high=1),
     H("sample_steps", 50, "DDIM steps of the validation sample grid", "output", low=1),
     *stage_two.prior_hypers(steps=200000, batch_size=64, lr=1e-4, warmup=1000, lr_schedule="constant",
                             log_every=100, val_every=5000, ckpt_every=5000),

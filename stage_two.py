@@ -288,7 +288,7 @@ class PriorTask(tr.Task):
         self.val_data, self.val_z = cache["validate"], cache["validate_z"]
 
     def extra_state(self):
-        return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"]}
+        return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"], "ae_kind": self.ae.kind}
 
     def optimizer_step(self, loss):
         """Backward and one AdamW step."""
@@ -357,6 +357,10 @@ def load_prior(prior, path, device, ae_override=None):
         raise UserError(f"--ckpt {ckpt['_path']}: records no stage-one checkpoint; pass --ae PATH")
     flag = "--ae" if ae_override else recorded_ae_flag(ckpt)
     ae, ae_ckpt = load_stage_one(prior, ae_override or ckpt["ae_path"], device, flag)
+    trained_on = ckpt.get("ae_kind")  # absent in checkpoints from before it was recorded: the hash warning below
+    if trained_on in ("vae", "vqvae") and trained_on != ae_ckpt["model_type"]:
+        raise UserError(f"{flag} {ae_ckpt['_path']}: a {ae_ckpt['model_type'].upper()}, but this {prior.name} was "
+                        f"trained on the latents of a {trained_on.upper()}; give the stage one it was trained on")
     if util.file_sha256(ae_ckpt["_path"]) != ckpt.get("ae_sha256"):  # a missing hash differs too
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
     return model.to(device).eval(), ae, ckpt
@@ -368,10 +372,12 @@ def parse_z_spec(text, num_z, flag="--z", model="this model"):
         if ".." in text:
             lo, hi = (int(v) for v in text.split(".."))
             values = list(range(lo, hi + 1))
+            if hi < lo:
+                raise UserError(f"{flag} {text}: the range runs backwards; write it low to high ({hi}..{lo})")
         else:
-            values = [int(v) for v in text.split(",") if v.strip()]
+            values = [int(v) for v in text.split(",")]  # an empty item ('', '1,,2') is a typo, not "all"
     except ValueError:
-        raise UserError(f"{flag} {text}: expected a range like 0..31 or a list like 0,8,16") from None
+        raise UserError(f"{flag} {text!r}: expected a range like 0..31 or a list like 0,8,16") from None
     bad = [v for v in values if not 0 <= v < max(num_z, 1)]
     if not values or bad:
         raise UserError(f"{flag} {text}: z-indices must lie in 0..{max(num_z, 1) - 1} for {model}")
@@ -653,6 +659,7 @@ def evaluate_cmd(prior, args):
         raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, which --no-tissue-maps turns off")
     if not args.tstr and not args.tstr_two_subjects:
         raise UserError("--no-tstr-two-subjects: applies only with --tstr STEPS")
+    util.check_json_path(args.out, "--out")
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     if not config["conditional"]:

@@ -188,6 +188,9 @@ def resolve_config(args, hypers, presets, stage, exclude=()):
     skip = {"resume", "overwrite", "dry_run", "out", "preset", *exclude}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     check_values(given, hypers)
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise UserError(f"--out {args.out}: does not apply with --resume (the run continues in {args.resume}); "
+                        f"to start a new run there, leave out --resume")
     if args.resume:
         return check_config(_resume_config(args, given, hypers, stage))
     preset = args.preset or ("full" if torch.cuda.is_available() else "demo")
@@ -254,6 +257,8 @@ def _resume_config(args, given, hypers, stage=None):
     """On --resume the run's own config wins; a flag that would change the model or data is refused. The file is
     checked where it is read: every hyperparameter present and of its type (a key that a run from before the
     hyperparameter existed lacks takes the value it then had, `Hyper.legacy`), preset and stage named."""
+    if Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: is a file; give the run's folder ({Path(args.resume).parent})")
     path = Path(args.resume) / "config.json"
     if not path.is_file():
         raise UserError(f"--resume {args.resume}: no config.json there (not a run directory, or a run stopped "
@@ -299,6 +304,7 @@ def print_config(config, title="config"):
 
 def setup_distributed(device_name="auto"):
     """Initialise torch.distributed under torchrun (gloo on CPU, NCCL on CUDA); returns (rank, world, device)."""
+    util.check_device_name(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, util.pick_device(device_name)
@@ -558,6 +564,11 @@ class Trainer:
             raise UserError(f"--resume {last}: the checkpoint was written with other settings than this run "
                             f"({', '.join(differ)}); it belongs to another run or its inputs changed")
         self.load_state_dict(ckpt)
+        if self.step > self.config["steps"]:  # checked before the log is touched: a refused resume changes nothing
+            raise UserError(f"--steps {self.config['steps']}: the run in {self.run_dir} is already at step "
+                            f"{self.step}; give --steps {self.step} or more to continue it")
+        if self.step == self.config["steps"] and self.rank == 0:
+            print(f"note: {self.run_dir} already finished its {self.step} steps; give a larger --steps to train on")
         self.logger.truncate_after(self.step)
         if self.rank == 0:
             print(f"resumed {self.run_dir}/last.pt at step {self.step} (epoch {self.epoch})")

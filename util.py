@@ -11,6 +11,7 @@ import math
 import os
 import pickletools
 import random
+import re
 import sys
 import tempfile
 import time
@@ -113,8 +114,19 @@ def _decode_rng(state):
     return out
 
 
+def check_device_name(name):
+    """--device is auto, cpu, cuda or cuda:N: the devices every script here is written and tested for."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda:") and torch.cuda.is_available() and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return name
+
+
 def pick_device(name="auto", quiet=False):
     """CUDA when available (or asked for), else CPU; prints the choice. Enables TF32 on CUDA."""
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -322,6 +334,26 @@ def check_writable(directory, flag="--out"):
     except OSError as err:
         raise UserError(f"{flag} {directory}: cannot write there ({err.strerror or err})") from None
     return directory
+
+
+def check_json_path(path, flag):
+    """A file name metrics JSON can be written to, checked before the work that produces them: a .json name, not
+    a folder and not an existing file of another kind (a checkpoint given by mistake), in a folder that is created
+    if missing and is writable."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name such as {path / 'metrics.json'}")
+    if path.suffix.lower() != ".json":
+        raise UserError(f"{flag} {path}: not a .json file name (metrics are written as JSON, e.g. metrics.json)")
+    if path.is_file():
+        try:
+            json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise UserError(f"{flag} {path}: exists and is not a JSON file; it is left as it is") from None
+    check_writable(path.parent, flag)
+    return path
 
 
 def prepare_run_dir(out, resume=False, overwrite=False, flag="--out"):

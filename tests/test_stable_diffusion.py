@@ -62,6 +62,15 @@ def ldm_vq(tmp_path_factory, vqvae_run, cli):
 # Training
 
 
+def test_a_prior_refuses_a_stage_one_of_the_other_kind(ldm_vq, vae_run, tmp_path):
+    # the smoke VAE's latents have the VQ-VAE's shape, so only the recorded kind tells them apart
+    with pytest.raises(UserError, match=r"--ae .*: a VAE, but this latent diffusion model was trained on the latents "
+                                        r"of a VQVAE"):
+        _sd("sample", "--ckpt", ldm_vq / "best.pt", "--ae", vae_run / "best.pt", "--z", 3, "--steps", 2,
+            "--out", tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+
+
 @pytest.mark.parametrize("model", ["vae", "vqvae"])
 def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data, model, cli):
     run = request.getfixturevalue("ldm_vae" if model == "vae" else "ldm_vq")

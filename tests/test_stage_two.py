@@ -16,6 +16,11 @@ def test_parse_z_spec():
         stage_two.parse_z_spec("30..33", 32)
     with pytest.raises(UserError, match="expected a range"):
         stage_two.parse_z_spec("a..b", 32)
+    with pytest.raises(UserError, match=r"runs backwards; write it low to high \(2..5\)"):
+        stage_two.parse_z_spec("5..2", 32)
+    for typo in ("", "1,,2", "3,"):  # an empty item is a typo, never "every slice"
+        with pytest.raises(UserError, match="expected a range"):
+            stage_two.parse_z_spec(typo, 32)
 
 
 def test_sample_grid_z_reads_row_by_row():
