@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["vqvae", "vae"], default="vqvae", help="stage-one autoencoder")
     p.add_argument("--size", type=int, choices=sorted(STAGE_ONE_AT), default=64,
-                   help="slice size: 64 (make demo, ~25 min) or 128 (stage one 8x down to 16x16 latents; 60 min of steps on 2 cores)")
+                   help="slice size: 64 (make demo, ~20 min) or 128 (stage one 8x down to 16x16 latents; 60 min of steps on 2 cores)")
     p.add_argument("--out", default=None, help="folder for every run, sample and figure [runs/demo; "
                    "runs/demo128 at --size 128]")
     p.add_argument("--data", default=None, help="dataset folder, built here if missing [data/embedded_<size>]")
