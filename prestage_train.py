@@ -315,13 +315,14 @@ def check_run_keys(config, args):
     size, layers = config["size"], config["disc_layers"]
     if uses_gan and PatchDiscriminator.logits_size(size, layers) < 1:
         fits = [n for n in range(1, layers) if PatchDiscriminator.logits_size(size, n) >= 1]
-        raise UserError(f"--disc-layers {layers}{' (the run config.json)' if args.resume else ''}: at most "
+        where = " (in the run's config.json)" if args.resume else ""
+        raise UserError(f"--disc-layers {layers}{where}: at most "
                         f"{max(fits, default=0)} stride-2 discriminator layers fit a {size}x{size} slice (each "
                         f"halves it, and the PatchGAN needs a 3x3 map after them)")
 
 
 def check_command_flags(args):
-    """Flags of --eval-only given to a training command, and --out beside --resume: refused, not ignored."""
+    """Flags of --eval-only given to a training command: refused, not ignored."""
     if not args.eval_only:
         stray = [f for f, v in (("--ckpt", args.ckpt), ("--out-json", args.out_json)) if v is not None]
         if stray:
