@@ -103,6 +103,11 @@ def autoencoder_config(config):
     return model_cfg
 
 
+def gan_is_used(config):
+    """Whether a run trains the PatchGAN at all: a positive weight, switched on before the last step."""
+    return config["disc_weight"] > 0 and config["disc_start"] < config["steps"]
+
+
 def load_autoencoder(path, device, flag="--ae"):
     """Rebuild a frozen stage-one model from its checkpoint; returns (model, checkpoint dict)."""
     ckpt = util.load_checkpoint(path, kind="stage1", flag=flag)
@@ -146,7 +151,7 @@ class StageOneTask(tr.Task):
         # fused: one kernel per step instead of a dozen per tensor (1.05x a demo step on CPU, docs/RESULTS.md)
         self.optimizers["opt"] = torch.optim.Adam(self.model.parameters(), lr=config["lr"], betas=(0.5, 0.9),
                                                   fused=True)
-        self.use_gan = config["disc_weight"] > 0 and config["disc_start"] < config["steps"]
+        self.use_gan = gan_is_used(config)
         if self.use_gan:
             self.disc = PatchDiscriminator(1, config["disc_ch"], config["disc_layers"], config["conditional"],
                                            config["num_z"], highpass=config["disc_highpass"]).to(device)
@@ -311,12 +316,11 @@ def check_run_keys(config, args):
         raise UserError(f"{where} model {config['model']!r}, which must be vae or vqvae")
     if not isinstance(config.get("data"), (str, type(None))):
         raise UserError(f"{where} data {config['data']!r}, which must be a folder path")
-    uses_gan = config["disc_weight"] > 0 and config["disc_start"] < config["steps"]
     size, layers = config["size"], config["disc_layers"]
-    if uses_gan and PatchDiscriminator.logits_size(size, layers) < 1:
+    if gan_is_used(config) and PatchDiscriminator.logits_size(size, layers) < 1:
         fits = [n for n in range(1, layers) if PatchDiscriminator.logits_size(size, n) >= 1]
-        where = " (in the run's config.json)" if args.resume else ""
-        raise UserError(f"--disc-layers {layers}{where}: at most "
+        source = " (in the run's config.json)" if args.resume else ""
+        raise UserError(f"--disc-layers {layers}{source}: at most "
                         f"{max(fits, default=0)} stride-2 discriminator layers fit a {size}x{size} slice (each "
                         f"halves it, and the PatchGAN needs a 3x3 map after them)")
 
