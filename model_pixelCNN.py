@@ -61,17 +61,22 @@ def _shift_down(x):
 class GatedLayer(nn.Module):
     """One gated PixelCNN layer: vertical stack, vertical->horizontal link, horizontal stack, skip output."""
 
-    def __init__(self, hidden, kernel_size, first, cond_dim=0, dropout=0.0, pos_dim=0):
+    def __init__(self, hidden, kernel_size, first, cond_dim=0, dropout=0.0, pos_dim=0, dilation=1):
         super().__init__()
         self.pad = kernel_size // 2
         self.first = first
-        # Vertical: a (p+1) x k kernel on an input padded by p rows on top only, so output row r covers
-        # rows r-p..r (the current row included; the link below shifts it out of the horizontal stack).
-        self.v_conv = nn.Conv2d(hidden, 2 * hidden, (self.pad + 1, kernel_size))
+        # Dilation d spaces the taps d apart, so a layer reaches d p rows up and d p columns to each side with the
+        # taps of kernel k; the type-A layer stays dense (its taps must stop exactly one column short).
+        self.dilation = 1 if first else int(dilation)
+        self.reach = self.dilation * self.pad
+        # Vertical: a (p+1) x k kernel on an input padded by p d rows on top only, so output row r covers
+        # rows r-pd..r (the current row included; the link below shifts it out of the horizontal stack).
+        self.v_conv = nn.Conv2d(hidden, 2 * hidden, (self.pad + 1, kernel_size), dilation=self.dilation)
         self.link = nn.Conv2d(2 * hidden, 2 * hidden, 1)
-        # Horizontal: a 1 x (p+1) kernel on a row padded by p on the left covers columns c-p..c (type B);
+        # Horizontal: a 1 x (p+1) kernel on a row padded by p d on the left covers columns c-pd..c (type B);
         # the first layer (type A) uses 1 x p taps and drops the last output column, covering c-p..c-1.
-        self.h_conv = nn.Conv2d(hidden, 2 * hidden, (1, self.pad if first else self.pad + 1))
+        self.h_conv = nn.Conv2d(hidden, 2 * hidden, (1, self.pad if first else self.pad + 1),
+                                dilation=(1, self.dilation))
         self.h_out = nn.Conv2d(hidden, hidden, 1)
         self.skip = nn.Conv2d(hidden, hidden, 1)
         self.cond_proj = nn.Linear(cond_dim, 4 * hidden) if cond_dim else None
@@ -90,16 +95,17 @@ class GatedLayer(nn.Module):
         return v, h
 
     def vertical_pre(self, v, pad_top):
-        """Vertical pre-activations [B, 2H, rows, w] of `v` padded with `pad_top` zero rows (p for a whole grid)."""
-        return self.v_conv(F.pad(v, (self.pad, self.pad, pad_top, 0)))
+        """Vertical pre-activations [B, 2H, rows, w] of `v` padded with `pad_top` zero rows (the reach for a whole
+        grid)."""
+        return self.v_conv(F.pad(v, (self.reach, self.reach, pad_top, 0)))
 
     def vertical(self, v, cond_v):
         """Vertical step on a whole grid: (next vertical features, link into the horizontal stack)."""
-        pre = self.vertical_pre(v, self.pad)
+        pre = self.vertical_pre(v, self.reach)
         return _gate(pre + cond_v), self.link(_shift_down(pre))
 
     def horizontal_pre(self, h, pad_left):
-        """Horizontal pre-activations of `h` padded with `pad_left` zero columns (p for whole rows)."""
+        """Horizontal pre-activations of `h` padded with `pad_left` zero columns (the reach for whole rows)."""
         return self.h_conv(F.pad(h, (pad_left, 0, 0, 0)))
 
     def horizontal_out(self, pre, h, link, cond_h):
@@ -111,7 +117,7 @@ class GatedLayer(nn.Module):
 
     def horizontal(self, h, link, cond_h):
         """Horizontal step on whole rows: (next horizontal features, skip output)."""
-        pre = self.horizontal_pre(h, self.pad)
+        pre = self.horizontal_pre(h, self.reach)
         if self.first:
             pre = pre[..., : h.shape[-1]]  # type A: output column c covered c-p..c-1
         return self.horizontal_out(pre, h, link, cond_h)
@@ -166,20 +172,25 @@ class GatedPixelCNN(nn.Module):
     table that starts at zero, so codes close in the codebook share what the prior learns about each of them
     (1024 codes over ~1.7k training grids: most are rare at every position).
     With `coarse` L, every layer also reads the `CoarseContext` of L half-resolution layers (kernel k), which
-    reaches the rows above twice as fast as the fine stacks and sees each row whole.
+    reaches the rows above twice as fast as the fine stacks and sees each row whole. `dilation` (d_1, d_2, ...)
+    spaces the taps of layers 2, 3, ... d_1, d_2, ... apart, cycled (as WaveNet's stacks): layer l then reaches
+    d_l (k // 2) rows and columns, so 1, 2, 4 over kernel 3 covers every offset up to 7 in three layers.
     The grid size is free: one model handles 16x16 and 32x32 grids alike.
     """
 
     def __init__(self, n_codes, hidden=128, n_layers=12, kernel_size=5, conditional=True, num_z=32,
                  cond_dim=None, dropout=0.0, code_dim=None, position=False, z_maps=0, z_map_size=16,
-                 coarse=0):
+                 coarse=0, dilation=(1,)):
         super().__init__()
+        dilation = [int(d) for d in dilation]
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if n_layers < 1 or n_codes < 2 or hidden < 1:
             raise ValueError(f"need n_layers >= 1, n_codes >= 2, hidden >= 1; got {n_layers}, {n_codes}, {hidden}")
         if coarse < 0:
             raise ValueError(f"coarse must be >= 0 (layers of the half-resolution path), got {coarse}")
+        if not dilation or min(dilation) < 1:
+            raise ValueError(f"dilation must be one or more integers >= 1, got {dilation}")
         if z_maps and not conditional:
             raise ValueError("z_maps needs a conditional model (a map per z-index)")
         cond_dim = (cond_dim or hidden) if conditional else 0
@@ -187,13 +198,14 @@ class GatedPixelCNN(nn.Module):
                            kernel_size=int(kernel_size), conditional=bool(conditional), num_z=int(num_z),
                            cond_dim=int(cond_dim) or None, dropout=float(dropout),
                            code_dim=int(code_dim) if code_dim else None, position=bool(position),
-                           z_maps=int(z_maps), z_map_size=int(z_map_size), coarse=int(coarse))
+                           z_maps=int(z_maps), z_map_size=int(z_map_size), coarse=int(coarse), dilation=dilation)
         self.n_codes = n_codes
         self.embedding = nn.Embedding(n_codes, hidden)
         self.cond_embed = ConditionEmbedding(cond_dim, null_token=True) if conditional else None
         self.layers = nn.ModuleList(
             GatedLayer(hidden, kernel_size, first=(i == 0), cond_dim=cond_dim, dropout=dropout,
-                       pos_dim=(POSITION_FEATURES if position else 0) + z_maps + (hidden if coarse else 0))
+                       pos_dim=(POSITION_FEATURES if position else 0) + z_maps + (hidden if coarse else 0),
+                       dilation=dilation[(i - 1) % len(dilation)])
             for i in range(n_layers))
         self.coarse = CoarseContext(hidden, coarse, kernel_size, cond_dim, POSITION_FEATURES if position else 0
                                     ) if coarse else None
@@ -375,7 +387,7 @@ class _RasterCache:
     """
 
     def __init__(self, model, x, z):
-        self.model, self.x, self.pad = model, x, model.layers[0].pad
+        self.model, self.x = model, x
         batch, hidden, h, w = x.shape
         z = model.full_z(z, batch)
         # The position features are kept whole (16 channels plus any z maps and coarse summary), the layers' terms
@@ -389,14 +401,15 @@ class _RasterCache:
 
     def start_row(self, i):
         """Advance the vertical stack by the completed row i-1 and set the links into row i."""
-        p, r, below = self.pad, i - 1, self.x
+        r, below = i - 1, self.x
         if r < 0:
             zero = self.x.new_zeros(self.x.shape[0], 2 * self.x.shape[1], 1, self.x.shape[3])
             self.links = [layer.link(zero) for layer in self.model.layers]  # the shifted-in zero row
         else:
-            lo, self.links = max(0, r - p), []
+            self.links = []
             for layer, v, (cond_v, _) in zip(self.model.layers, self.vs, self.terms):  # self.terms: row r's
-                pre = layer.vertical_pre(below[:, :, lo: r + 1], pad_top=p - (r - lo))
+                lo = max(0, r - layer.reach)
+                pre = layer.vertical_pre(below[:, :, lo: r + 1], pad_top=layer.reach - (r - lo))
                 self.links.append(layer.link(pre))
                 v[:, :, r: r + 1] = _gate(pre + cond_v)
                 below = v
@@ -407,11 +420,12 @@ class _RasterCache:
 
     def logits_at(self, j):
         """Logits [B, K] at (row, j), from the codes already in `x` left of j in this row and the rows above."""
-        p, lo = self.pad, max(0, j - self.pad)
         h_prev, skips = self.x[:, :, self.row: self.row + 1], 0.0
         for layer, h, link, (_, cond_h) in zip(self.model.layers, self.hs, self.links, self.terms):
             hi = j if layer.first else j + 1  # type A excludes column j, type B includes it
-            window = F.pad(h_prev[..., lo:hi], (p - (j - lo), 0, 0, 0))
+            lo = max(0, j - layer.reach)
+            # columns j - reach .. hi - 1, every d-th of them: the dilated taps
+            window = F.pad(h_prev[..., lo:hi], (layer.reach - (j - lo), 0, 0, 0))[..., ::layer.dilation]
             # One column at a time the convolutions are matrix products; F.linear avoids the per-call setup
             # of a convolution primitive, which dominated sampling time.  Mirrors GatedLayer.horizontal_out.
             pre = _as_linear(layer.h_conv, window) + link[:, :, 0, j] + _column(cond_h, j)

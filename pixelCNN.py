@@ -25,6 +25,9 @@ HYPERS = [
     H("hidden", 192, "channels of the gated stacks", "model", low=1),
     H("n_layers", 15, "gated layers (first is type A, the rest type B)", "model", low=1),
     H("kernel_size", 5, "odd kernel size of the masked convolutions", "model", low=3),
+    H("dilation", [1], "dilations of the gated layers after the first, cycled (e.g. 1,2,4: a layer reaches d * (k "
+      "// 2) rows and columns, so 8 layers of kernel 3 reach 17 rows; the first, type-A layer is not dilated)",
+      "model"),
     H("dropout", 0.0, "dropout in the gated layers", "model", high=1),
     H("position", True, "condition every layer on its position in the grid (sinusoids of row and column, "
       "location-dependent conditioning as in van den Oord et al. 2016)", "model", before=False),
@@ -101,6 +104,14 @@ class PixelCNNPrior(stage_two.Prior):
 
     def summary(self, config):
         return f"codes {config['grid']} of {config['n_codes']}"
+
+    def check_config(self, config):
+        dilation = config["dilation"]
+        if not dilation:
+            raise UserError("--dilation '': give one or more dilations >= 1 (1: none)")
+        if config["n_layers"] == 1 and dilation != [1]:
+            raise UserError(f"--dilation {','.join(map(str, dilation))}: does not apply with --n-layers 1 (the only "
+                            f"layer is the type-A one, which is never dilated)")
 
     def complete_config(self, config, cache, ae):
         if config["z_maps"] and not config["conditional"]:

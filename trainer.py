@@ -208,8 +208,9 @@ def check_values(values, hypers, where=None):
     for hyper in hypers:
         if hyper.name in values and (problem := hyper.problem(values[hyper.name])):
             name, value = hyper.name, values[hyper.name]
-            if where is None:
-                raise UserError(f"--{name.replace('_', '-')} {value}: {problem}")
+            if where is None:  # as typed: a list flag reads "1,2,4"
+                shown = ",".join(map(str, value)) if isinstance(value, list) else value
+                raise UserError(f"--{name.replace('_', '-')} {shown}: {problem}")
             raise UserError(f"{where} has {name} = {json.dumps(value, default=str)[:60]}, which {problem}")
 
 

@@ -500,3 +500,99 @@ def test_coarse_must_not_be_negative_and_round_trips():
     indices = torch.randint(0, 16, (2, 5, 6))
     assert torch.equal(rebuilt.eval()(indices, torch.tensor([1, 2])), model(indices, torch.tensor([1, 2])))
     assert "coarse" not in "".join(small_model().state_dict())
+
+
+# ------------------------------------------------------------------------------------------
+# Dilated stacks
+
+
+def dilated_dependencies(shape, i, j, kernel_size, dilations):
+    """Which inputs the logits at (i, j) read, by propagating dependency sets through the stacks' definitions
+    (not the model's code): a vertical layer of dilation d maps v at (r, c) to v_in at rows r - d*{0..p}, columns
+    c + d*{-p..p}; its link reaches the horizontal stack one row down; a type-B horizontal layer reads h_in at
+    (r, c - d*{0..p}) and keeps a residual; the type-A one reads the input at (r, c-p..c-1); every layer's gate
+    output feeds the head through its skip."""
+    h, w = shape
+    p = kernel_size // 2
+    eye = np.eye(h * w, dtype=bool).reshape(h, w, h, w)  # eye[r, c] = the input cell (r, c) alone
+    v_in, h_in, out = eye, eye, np.zeros((h, w), dtype=bool)
+
+    def gather(deps, offsets):
+        """deps [h, w, h, w] -> [h, w, h, w]: the union of deps at (r + dr, c + dc) over the offsets in range."""
+        res = np.zeros_like(deps)
+        for dr, dc in offsets:
+            for r in range(h):
+                for c in range(w):
+                    if 0 <= r + dr < h and 0 <= c + dc < w:
+                        res[r, c] |= deps[r + dr, c + dc]
+        return res
+    for layer, d in enumerate(dilations):
+        taps = [(-d * a, d * b) for a in range(p + 1) for b in range(-p, p + 1)]
+        v_out = gather(v_in, taps)
+        link = gather(v_in, [(dr - 1, dc) for dr, dc in taps])  # the pre-activation, shifted down one row
+        if layer == 0:
+            gate = gather(eye, [(0, -b) for b in range(1, p + 1)]) | link
+            h_out = gate
+        else:
+            gate = gather(h_in, [(0, -d * b) for b in range(p + 1)]) | link
+            h_out = gate | h_in
+        out |= gate[i, j]
+        v_in, h_in = v_out, h_out
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("n_layers,kernel_size,dilation,shape",
+                         [(3, 3, (2,), (12, 13)), (4, 3, (1, 2, 4), (16, 16)), (3, 5, (3, 1), (14, 15))])
+def test_dilated_stacks_are_causal_and_reach_what_they_should(n_layers, kernel_size, dilation, shape):
+    model = small_model(n_layers=n_layers, kernel_size=kernel_size, dilation=dilation)
+    layers = [1] + [dilation[(k - 1) % len(dilation)] for k in range(1, n_layers)]
+    assert [layer.dilation for layer in model.layers] == layers
+    h, w = shape
+    for i, j in [(0, 1), (1, 0), (h // 2, w // 2), (h - 1, w - 1), (h - 1, 2), (5, w - 3)]:
+        dep = dependency_map(model, shape, i, j)
+        future = torch.zeros(shape, dtype=torch.bool).view(-1)
+        future[i * w + j:] = True
+        assert not (dep & future.view(shape)).any(), f"({i},{j}) sees itself or the future"
+        assert torch.equal(dep, dilated_dependencies(shape, i, j, kernel_size, layers)), f"({i},{j})"
+
+
+def test_dilated_reference_agrees_with_the_dense_receptive_field():
+    # The propagation reference with every dilation 1 is the closed form the dense tests use.
+    for i, j in [(4, 3), (9, 0), (9, 9)]:
+        assert torch.equal(dilated_dependencies((10, 10), i, j, 5, [1, 1, 1]),
+                           expected_dependencies((10, 10), i, j, 3, 5))
+
+
+def test_dilation_1_2_4_reaches_further_with_the_same_taps():
+    dense, dilated = small_model(n_layers=4, kernel_size=3), small_model(n_layers=4, kernel_size=3, dilation=(1, 2, 4))
+    assert sum(t.numel() for t in dense.parameters()) == sum(t.numel() for t in dilated.parameters())
+    rows_seen = [dependency_map(m, (16, 16), 15, 8).any(1).nonzero().min().item() for m in (dense, dilated)]
+    assert rows_seen == [15 - 5, 15 - 1 - (1 + 1 + 2 + 4)]  # the link adds a row: 1 + reach of the four layers
+
+
+@pytest.mark.parametrize("position,conditional", [(False, True), (True, True), (True, False)])
+def test_dilated_incremental_cache_matches_forward(position, conditional):
+    # Grids wider and taller than the dilated reach, so the windows are cropped and padded on every side.
+    model = small_model(n_layers=4, kernel_size=3, dilation=(2, 3), position=position, conditional=conditional)
+    assert_cache_matches_forward(model, (11, 13), conditional)
+
+
+def test_dilated_fast_sampler_matches_naive_sampler_with_guidance():
+    model = small_model(n_layers=3, kernel_size=5, dilation=(2,))
+    z = torch.tensor([0, 7, 30, -1])
+    fast = sample_codes(model, (7, 9), z, 1.0, torch.Generator().manual_seed(3), guidance=2.0)
+    assert torch.equal(fast, naive_sample(model, (7, 9), z, 1.0, torch.Generator().manual_seed(3), guidance=2.0))
+
+
+def test_dilation_is_checked_and_round_trips():
+    with pytest.raises(ValueError, match="dilation must be one or more integers >= 1"):
+        small_model(dilation=(0,))
+    with pytest.raises(ValueError, match="dilation must be one or more"):
+        small_model(dilation=())
+    model = small_model(n_layers=3, dilation=(2, 3))
+    rebuilt = GatedPixelCNN(**json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    indices = torch.randint(0, 16, (2, 6, 7))
+    assert torch.equal(rebuilt.eval()(indices, torch.tensor([1, 2])), model(indices, torch.tensor([1, 2])))
+    old = {k: v for k, v in small_model(n_layers=3).config.items() if k != "dilation"}  # a checkpoint from before
+    assert [layer.dilation for layer in GatedPixelCNN(**old).layers] == [1, 1, 1]

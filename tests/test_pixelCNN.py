@@ -195,6 +195,28 @@ def test_coarse_trains_its_half_resolution_path_and_samples(tmp_path, vqvae_run,
     assert not (tmp_path / "neg").exists()
 
 
+def test_dilation_trains_dilated_stacks_and_samples(tmp_path, vqvae_run, capsys, cli):
+    out = tmp_path / "dilated"
+    _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--dilation", "2,3", "--out", out)
+    best = util.load_checkpoint(out / "best.pt", kind="pixelcnn")
+    assert best["config"]["dilation"] == [2, 3]
+    model = pixelCNN.PRIOR.build(best["config"])
+    assert [layer.v_conv.dilation for layer in model.layers] == [(1, 1), (2, 2), (3, 3)]
+    capsys.readouterr()
+    _pc("sample", "--ckpt", out / "best.pt", "--n", 1, "--z", "0,9", "--device", "cpu", "--out", tmp_path / "s.png")
+    assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("flags,message", [(["--dilation", ""], r"^--dilation '': give one or more dilations"),
+                                           (["--dilation", "0,2"], r"^--dilation 0,2: must be a list of whole"),
+                                           (["--n-layers", 1, "--dilation", 2], r"^--dilation 2: does not apply "
+                                                                                 r"with --n-layers 1")])
+def test_dilation_refusals(tmp_path, vqvae_run, flags, message):
+    with pytest.raises(UserError, match=message):
+        _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *flags, "--out", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and evaluation
 
