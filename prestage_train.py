@@ -73,12 +73,11 @@ HYPERS = [
 # full: the 256x256 recipe for a GPU. demo: a 0.8M-parameter model that trains in minutes on 2 CPU cores
 # (64x64, narrow, lr 1e-3 at batch 4: in the time of 2000 steps at batch 8, 3400 smaller steps gave the VQ-VAE
 # +0.009 test SSIM; the GAN from a quarter of the run on the finest band with feature matching, which brought the
-# reconstructions' finest texture within 1.10x of real; a 16-wide discriminator: 1.12x a GAN step at the same
-# SSIM and texture, docs/RESULTS.md). smoke: seconds, for the tests.
+# reconstructions' finest texture within 1.10x of real, docs/RESULTS.md). smoke: seconds, for the tests.
 PRESETS = {
     "full": {},
     "demo": dict(size=64, ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, attn_resolutions=[], perceptual="ssim",
-                 disc_start=850, disc_weight=0.1, disc_ch=16, disc_layers=2, disc_highpass=True, fm_weight=1.0,
+                 disc_start=850, disc_weight=0.1, disc_ch=32, disc_layers=2, disc_highpass=True, fm_weight=1.0,
                  kl_cycles=2, batch_size=4, lr=1e-3,
                  warmup=170, steps=3400, val_every=680, ckpt_every=680, val_max=192),
     "smoke": dict(size=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], n_embed=32,
