@@ -361,7 +361,14 @@ def load_prior(prior, path, device, ae_override=None):
     if trained_on in ("vae", "vqvae") and trained_on != ae_ckpt["model_type"]:
         raise UserError(f"{flag} {ae_ckpt['_path']}: a {ae_ckpt['model_type'].upper()}, but this {prior.name} was "
                         f"trained on the latents of a {trained_on.upper()}; give the stage one it was trained on")
-    if util.file_sha256(ae_ckpt["_path"]) != ckpt.get("ae_sha256"):  # a missing hash differs too
+    recorded = ckpt.get("ae_sha256")
+    if util.file_sha256(ae_ckpt["_path"]) != recorded:  # a missing hash differs too
+        if recorded and not ae_override:
+            # Decoding through another stage one gives noise (a PixelCNN's codes index another codebook), and a
+            # relative recorded path points elsewhere from another folder: refuse rather than score garbage.
+            raise UserError(f"{flag} {ae_ckpt['_path']}: is not the stage one this {prior.name} was trained on (its "
+                            f"sha256 differs from the recorded one; the path is relative to where the prior was "
+                            f"trained): pass --ae with the stage-one checkpoint it was trained on")
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
     return model.to(device).eval(), ae, ckpt
 

@@ -71,6 +71,24 @@ def test_a_prior_refuses_a_stage_one_of_the_other_kind(ldm_vq, vae_run, tmp_path
     assert not (tmp_path / "s.png").exists()
 
 
+def test_a_prior_refuses_another_stage_one_at_its_recorded_path(ldm_vq, vqvae_run, tmp_path, capsys):
+    # The recorded path is relative to where the prior was trained: from another folder it can name another run's
+    # checkpoint, whose latents decode to noise. Only the hash tells; an explicit --ae is the user's choice.
+    state = util.load_checkpoint(ldm_vq / "best.pt", kind="diffusion")
+    state.pop("_path")
+    state["ae_sha256"] = "0" * 64  # as if the file at the recorded path had been replaced by another stage one
+    util.save_checkpoint(state, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"^--ae not given, and the stage-one checkpoint recorded in .*other\.pt, "
+                                        r".*: is not the stage one this latent diffusion model was trained on \(its "
+                                        r"sha256 differs.*pass --ae with"):
+        _sd("sample", "--ckpt", tmp_path / "other.pt", "--z", 3, "--steps", 2, "--out", tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+    capsys.readouterr()
+    _sd("sample", "--ckpt", tmp_path / "other.pt", "--ae", vqvae_run / "best.pt", "--z", 3, "--steps", 2,
+        "--out", tmp_path / "s.png")
+    assert "warning: " in capsys.readouterr().out and (tmp_path / "s.png").exists()
+
+
 @pytest.mark.parametrize("model", ["vae", "vqvae"])
 def test_smoke_train_records_scale_factor_stage_one_and_logs(request, tiny_data, model, cli):
     run = request.getfixturevalue("ldm_vae" if model == "vae" else "ldm_vq")
