@@ -303,6 +303,30 @@ def code_statistics(counts):
     return dict(perplexity=entropy.exp(), usage=(counts > 0).float().mean())
 
 
+def rotate_onto(e, q, eps=1e-12):
+    """The rotation trick (Fifty et al. 2024): the value of `q`, as a function of `e` (rows [N, D]) whose gradient
+    is the incoming one turned by the rotation that takes e's direction onto q's and scaled by |q| / |e|.
+
+    The straight-through estimator copies the decoder's gradient to the encoder output unchanged, so every point
+    of a code's cell gets the same push; turned with the cell's own rotation, the push depends on where in the
+    cell the point lies (the angle and norm to its code), which the paper found to sharpen reconstructions and
+    use more of the codebook. R = I - 2 r r^T + 2 q^ e^T with r = (e^ + q^) / |e^ + q^|, applied without forming
+    it; R, the scale and the returned value carry no gradient.
+    """
+    with torch.no_grad():
+        e_norm = e.norm(dim=1, keepdim=True).clamp_min(eps)
+        q_norm = q.norm(dim=1, keepdim=True)
+        e_hat, q_hat = e / e_norm, q / q_norm.clamp_min(eps)
+        r = e_hat + q_hat
+        r = r / r.norm(dim=1, keepdim=True).clamp_min(eps)  # e^ = -q^ leaves r = 0, and R e^ = e^ + 2 q^ = q^ still
+        scale = q_norm / e_norm
+    turned = scale * (e - 2 * r * (r * e).sum(1, keepdim=True) + 2 * q_hat * (e_hat * e).sum(1, keepdim=True))
+    return q.detach() + (turned - turned.detach())  # exactly q's value; the gradient is turned's
+
+
+QUANTIZER_GRADIENTS = ("ste", "rotation")
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantiser (van den Oord et al. 2017) with optional EMA codebook and restarts.
 
@@ -311,10 +335,13 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(self, n_embed, embed_dim, beta=0.25, ema=False, ema_decay=0.99, restart_dead=True,
-                 dead_threshold=0.1, laplace_eps=1e-5):
+                 dead_threshold=0.1, laplace_eps=1e-5, grad="ste"):
         super().__init__()
         if n_embed < 2 or embed_dim < 1:
             raise ValueError(f"need n_embed >= 2 and embed_dim >= 1, got {n_embed}, {embed_dim}")
+        if grad not in QUANTIZER_GRADIENTS:
+            raise ValueError(f"grad must be one of {QUANTIZER_GRADIENTS}, got {grad!r}")
+        self.grad = grad
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
@@ -360,7 +387,11 @@ class VectorQuantizer(nn.Module):
             stats = {k: v.detach() for k, v in code_statistics(counts).items()}
             if self.training:
                 self._update(flat.detach(), indices, counts)
-            quantized = z_e + (quant - z_e).detach()  # straight-through: decoder gradients reach the encoder
+            if self.grad == "rotation":
+                quantized = rotate_onto(flat, quant.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w, d)
+                quantized = quantized.permute(0, 3, 1, 2)
+            else:  # straight-through: decoder gradients reach the encoder as they are
+                quantized = z_e + (quant - z_e).detach()
         return quantized, indices.view(b, h, w), dict(codebook=codebook_loss, commit=commit), stats
 
     @torch.no_grad()
@@ -403,14 +434,15 @@ class VQVAE(_Autoencoder):
 
     def __init__(self, resolution, in_channels=1, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(),
                  z_channels=4, dropout=0.0, conditional=False, num_z=32, n_embed=512, embed_dim=4, beta=0.25,
-                 ema=False, ema_decay=0.99, restart_dead=True, dead_threshold=0.1, decoder_extra_block=True):
+                 ema=False, ema_decay=0.99, restart_dead=True, dead_threshold=0.1, decoder_extra_block=True,
+                 grad="ste"):
         super().__init__()
         self._config = dict(resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=list(ch_mult),
                             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
                             z_channels=z_channels, dropout=dropout, conditional=bool(conditional), num_z=num_z,
                             n_embed=n_embed, embed_dim=embed_dim, beta=beta, ema=bool(ema), ema_decay=ema_decay,
                             restart_dead=bool(restart_dead), dead_threshold=dead_threshold,
-                            decoder_extra_block=bool(decoder_extra_block))
+                            decoder_extra_block=bool(decoder_extra_block), grad=grad)
         self._init_common(resolution, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
                           dropout, conditional, num_z)
         self.latent_channels = int(embed_dim)
@@ -418,7 +450,8 @@ class VQVAE(_Autoencoder):
         self.beta = float(beta)
         self.encoder = Encoder(**self.arch, out_channels=z_channels)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantizer = VectorQuantizer(n_embed, embed_dim, beta, ema, ema_decay, restart_dead, dead_threshold)
+        self.quantizer = VectorQuantizer(n_embed, embed_dim, beta, ema, ema_decay, restart_dead, dead_threshold,
+                                         grad=grad)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = Decoder(**{**self.arch, "in_channels": z_channels}, out_channels=in_channels,
                                extra_block=decoder_extra_block)

@@ -42,6 +42,9 @@ HYPERS = [
     H("n_embed", 1024, "VQ codebook size", "model", applies="vqvae", low=2),
     H("embed_dim", 4, "VQ code dimension", "model", applies="vqvae", low=1),
     H("vq_ema", True, "EMA codebook updates with dead-code restart", "model", applies="vqvae", arg="ema"),
+    H("vq_grad", "ste", "how the decoder's gradient crosses the quantiser: ste (straight-through, copied as it is) "
+      "or rotation (turned and scaled by the rotation from the encoder output onto its code: the rotation trick, "
+      "Fifty et al. 2024)", "model", applies="vqvae", choices=("ste", "rotation"), arg="grad"),
     H("rec_loss", "l1", "pixel reconstruction loss (L1: sharper than L2 on MRI edges)", "loss", choices=("l1", "l2")),
     H("perceptual", "auto", "perceptual loss (auto: LPIPS-VGG if its weights are local, else MS-SSIM; ssim: "
       "1 - SSIM)", "loss",
@@ -343,6 +346,7 @@ def main(argv=None):
     config = tr.resolve_config(args, HYPERS, PRESETS, "stage1", exclude=("eval_only", "split", "ckpt", "out_json"))
     config.setdefault("model", "vae")
     check_run_keys(config, args)
+    tr.check_applies(args, HYPERS, config["model"], "--model")
     rank, world, device = tr.setup_distributed(config.get("device") or "auto")
     if rank == 0:
         print(f"preset: {config['preset']}, model: {config['model']}")

@@ -202,6 +202,15 @@ def resolve_config(args, hypers, presets, stage, exclude=()):
     return check_config(config)
 
 
+def check_applies(args, hypers, kind, kind_flag):
+    """Refuse a flag given for a model kind it does not apply to (e.g. --n-embed with a VAE): ignored, it would
+    let the user believe the run used it."""
+    for hyper in hypers:
+        if hyper.applies not in (None, kind) and getattr(args, hyper.name, None) is not None:
+            raise UserError(f"--{hyper.name.replace('_', '-')}: applies only with {kind_flag} {hyper.applies}, "
+                            f"and this run is {kind_flag} {kind}")
+
+
 def check_values(values, hypers, where=None):
     """One line for the first hyperparameter value that cannot work: named as its flag (`where` None), or as
     the key of the file `where` describes."""

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributions import Normal, kl_divergence
 
-from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder
+from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder, rotate_onto
 
 
 def tiny(cls, resolution=32, ch_mult=(1, 2), **extra):
@@ -264,6 +264,70 @@ def test_straight_through_gradient():
     downstream(codes).backward()
     torch.testing.assert_close(z_e.grad, codes.grad)
     torch.testing.assert_close(quantized.detach(), codes.detach())
+
+
+def test_rotation_trick_gradient_is_the_planar_rotation_by_the_angle_between_them():
+    # In 2-D the rotation taking e's direction onto q's is the rotation by atan2(q) - atan2(e): an independent
+    # construction of R. The gradient reaching e must be |q| / |e| R^T g, and the value must be q's exactly.
+    torch.manual_seed(0)
+    e = torch.randn(64, 2, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(64, 2, dtype=torch.float64)
+    g = torch.randn(64, 2, dtype=torch.float64)
+    out = rotate_onto(e, q)
+    assert torch.equal(out.detach(), q)
+    (out * g).sum().backward()
+    ed = e.detach()
+    theta = torch.atan2(q[:, 1], q[:, 0]) - torch.atan2(ed[:, 1], ed[:, 0])
+    c, s = torch.cos(theta), torch.sin(theta)
+    rot_t_g = torch.stack([c * g[:, 0] + s * g[:, 1], -s * g[:, 0] + c * g[:, 1]], dim=1)  # R^T g
+    torch.testing.assert_close(e.grad, (q.norm(dim=1) / ed.norm(dim=1))[:, None] * rot_t_g)
+
+
+def test_rotation_trick_jacobian_is_a_scaled_proper_rotation_in_the_plane_of_e_and_q():
+    torch.manual_seed(1)
+    for _ in range(5):
+        e, q = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda x: rotate_onto(x[None], q[None])[0], e)
+        rot = jac / (q.norm() / e.norm())
+        torch.testing.assert_close(rot @ rot.T, torch.eye(6, dtype=torch.float64))  # orthogonal
+        assert torch.linalg.det(rot) == pytest.approx(1.0)  # a rotation, not a reflection
+        torch.testing.assert_close(rot @ (e / e.norm()), q / q.norm())  # e's direction onto q's
+        basis = torch.linalg.svd(torch.stack([e, q]), full_matrices=True).Vh[2:]  # the complement of their plane
+        torch.testing.assert_close(rot @ basis.T, basis.T)  # is left alone
+    same = torch.randn(3, 6, dtype=torch.float64)  # q along e: the gradient is only rescaled
+    x = same.clone().requires_grad_(True)
+    rotate_onto(x, 2 * same).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("grad", ["ste", "rotation"])
+def test_quantizer_gradient_modes_keep_the_codes_and_differ_only_in_the_encoder_gradient(grad):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, restart_dead=False, grad=grad).eval()
+    z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+    quantized, indices, _, _ = vq(z_e)
+    codes = vq.lookup(indices).permute(0, 3, 1, 2)
+    torch.testing.assert_close(quantized.detach(), codes, rtol=0, atol=1e-6)
+    weight = torch.randn_like(z_e)
+    (quantized * weight).sum().backward()
+    flat_e = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    flat_q, flat_w = codes.permute(0, 2, 3, 1).reshape(-1, 4), weight.permute(0, 2, 3, 1).reshape(-1, 4)
+    if grad == "ste":
+        expected = flat_w
+    else:  # per position: |q| / |e| R^T w, R from the explicit matrix I - 2 r r^T + 2 q^ e^T
+        e_hat, q_hat = flat_e / flat_e.norm(dim=1, keepdim=True), flat_q / flat_q.norm(dim=1, keepdim=True)
+        r = (e_hat + q_hat) / (e_hat + q_hat).norm(dim=1, keepdim=True)
+        mats = torch.eye(4) - 2 * r[:, :, None] * r[:, None, :] + 2 * q_hat[:, :, None] * e_hat[:, None, :]
+        scale = flat_q.norm(dim=1) / flat_e.norm(dim=1)
+        expected = scale[:, None] * torch.einsum("nij,ni->nj", mats, flat_w)
+    torch.testing.assert_close(z_e.grad.permute(0, 2, 3, 1).reshape(-1, 4), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantizer_refuses_an_unknown_gradient_mode():
+    with pytest.raises(ValueError, match=r"grad must be one of \('ste', 'rotation'\), got 'stes'"):
+        VectorQuantizer(8, 4, grad="stes")
+    model = VQVAE(16, ch=8, ch_mult=(1, 2), num_res_blocks=1, grad="rotation")
+    assert build_autoencoder("vqvae", model.config).quantizer.grad == "rotation"  # the config rebuilds it
 
 
 def test_codebook_and_commitment_losses_by_hand():

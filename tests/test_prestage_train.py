@@ -199,6 +199,25 @@ def test_decoder_extra_block_flag_reaches_the_checkpoint(tmp_path, tiny_data):
     assert [sum(m.__class__.__name__ == "ResBlock" for m in lv) for lv in model.decoder.levels] == [1, 1]
 
 
+def test_vq_grad_flag_reaches_the_quantiser_and_the_checkpoint(tmp_path, tiny_data):
+    out = tmp_path / "rot"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 2, "--val-every", 2,
+         "--vq-grad", "rotation")
+    ckpt = util.load_checkpoint(out / "last.pt", kind="stage1")
+    assert ckpt["config"]["vq_grad"] == "rotation" and ckpt["model_config"]["grad"] == "rotation"
+    model, _ = prestage_train.load_autoencoder(out / "last.pt", torch.device("cpu"))
+    assert model.quantizer.grad == "rotation"
+
+
+@pytest.mark.parametrize("model, flag, value, kind", [("vae", "--vq-grad", "rotation", "vqvae"),
+                                                      ("vae", "--n-embed", 64, "vqvae"),
+                                                      ("vqvae", "--kl-weight", 1e-3, "vae")])
+def test_a_flag_of_the_other_model_kind_is_refused(tiny_data, tmp_path, model, flag, value, kind):
+    with pytest.raises(UserError, match=f"^{flag}: applies only with --model {kind}, and this run is --model {model}$"):
+        _run("--model", model, "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "x", flag, value)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_inputs_give_one_line(tmp_path, tiny_data, vae_run):
     with pytest.raises(UserError, match="no such"):
         _run("--preset", "smoke", "--data", tmp_path / "missing", "--out", tmp_path / "x")
