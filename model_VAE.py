@@ -303,7 +303,7 @@ def code_statistics(counts):
     return dict(perplexity=entropy.exp(), usage=(counts > 0).float().mean())
 
 
-def rotate_onto(e, q, eps=1e-12):
+def rotate_onto(e, q, eps=1e-6):
     """The rotation trick (Fifty et al. 2024): the value of `q`, as a function of `e` (rows [N, D]) whose gradient
     is the incoming one turned by the rotation that takes e's direction onto q's and scaled by |q| / |e|.
 
@@ -311,9 +311,11 @@ def rotate_onto(e, q, eps=1e-12):
     of a code's cell gets the same push; turned with the cell's own rotation, the push depends on where in the
     cell the point lies (the angle and norm to its code), which the paper found to sharpen reconstructions and
     use more of the codebook. R = I - 2 r r^T + 2 q^ e^T with r = (e^ + q^) / |e^ + q^|, applied without forming
-    it; R, the scale and the returned value carry no gradient.
+    it; R, the scale and the returned value carry no gradient. A row with |e| < eps (no direction to turn, and a
+    scale that would blow its gradient up) passes the gradient straight through; q = 0 gets none (scale 0).
     """
     with torch.no_grad():
+        directionless = e.norm(dim=1, keepdim=True) < eps
         e_norm = e.norm(dim=1, keepdim=True).clamp_min(eps)
         q_norm = q.norm(dim=1, keepdim=True)
         e_hat, q_hat = e / e_norm, q / q_norm.clamp_min(eps)
@@ -321,6 +323,7 @@ def rotate_onto(e, q, eps=1e-12):
         r = r / r.norm(dim=1, keepdim=True).clamp_min(eps)  # e^ = -q^ leaves r = 0, and R e^ = e^ + 2 q^ = q^ still
         scale = q_norm / e_norm
     turned = scale * (e - 2 * r * (r * e).sum(1, keepdim=True) + 2 * q_hat * (e_hat * e).sum(1, keepdim=True))
+    turned = torch.where(directionless, e, turned)
     return q.detach() + (turned - turned.detach())  # exactly q's value; the gradient is turned's
 
 

@@ -112,6 +112,10 @@ class PixelCNNPrior(stage_two.Prior):
         if config["n_layers"] == 1 and dilation != [1]:
             raise UserError(f"--dilation {','.join(map(str, dilation))}: does not apply with --n-layers 1 (the only "
                             f"layer is the type-A one, which is never dilated)")
+        if len(dilation) > config["n_layers"] - 1 > 0:
+            raise UserError(f"--dilation {','.join(map(str, dilation))}: {len(dilation)} dilations for the "
+                            f"{config['n_layers'] - 1} gated layers after the type-A one (--n-layers "
+                            f"{config['n_layers']}): the last ones would never be used")
 
     def complete_config(self, config, cache, ae):
         if config["z_maps"] and not config["conditional"]:

@@ -24,7 +24,7 @@ import trainer as tr
 import util
 from model_discriminator import (PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, d_loss,
                                  feature_matching_loss, focal_frequency_loss, generator_loss)
-from model_VAE import build_autoencoder
+from model_VAE import QUANTIZER_GRADIENTS, build_autoencoder
 from util import UserError
 
 H = tr.Hyper
@@ -44,7 +44,7 @@ HYPERS = [
     H("vq_ema", True, "EMA codebook updates with dead-code restart", "model", applies="vqvae", arg="ema"),
     H("vq_grad", "ste", "how the decoder's gradient crosses the quantiser: ste (straight-through, copied as it is) "
       "or rotation (turned and scaled by the rotation from the encoder output onto its code: the rotation trick, "
-      "Fifty et al. 2024)", "model", applies="vqvae", choices=("ste", "rotation"), arg="grad"),
+      "Fifty et al. 2024)", "model", applies="vqvae", choices=QUANTIZER_GRADIENTS, arg="grad"),
     H("rec_loss", "l1", "pixel reconstruction loss (L1: sharper than L2 on MRI edges)", "loss", choices=("l1", "l2")),
     H("perceptual", "auto", "perceptual loss (auto: LPIPS-VGG if its weights are local, else MS-SSIM; ssim: "
       "1 - SSIM)", "loss",
@@ -120,6 +120,8 @@ def load_autoencoder(path, device, flag="--ae"):
         ("num_z", tr.is_whole, "a whole number >= 1")])
     if ckpt.get("model_type") not in ("vae", "vqvae") or not isinstance(ckpt.get("model_config"), dict):
         raise UserError(f"{where}: holds no model_type (vae or vqvae) and model_config of a stage-one model")
+    # a model keyword newer than the file takes the value runs had before it existed, as the file's config does
+    ckpt["model_config"] = {**tr.model_kwargs(HYPERS, {}, ckpt["model_type"]), **ckpt["model_config"]}
     if not isinstance(ckpt["config"].get("conditional"), bool) or ckpt["model_config"] != autoencoder_config(
             {**ckpt["config"], "model": ckpt["model_type"]}):
         # the two are written together from one config: a difference means the file was altered

@@ -367,8 +367,8 @@ def load_prior(prior, path, device, ae_override=None):
             # Decoding through another stage one gives noise (a PixelCNN's codes index another codebook), and a
             # relative recorded path points elsewhere from another folder: refuse rather than score garbage.
             raise UserError(f"{flag} {ae_ckpt['_path']}: is not the stage one this {prior.name} was trained on (its "
-                            f"sha256 differs from the recorded one; the path is relative to where the prior was "
-                            f"trained): pass --ae with the stage-one checkpoint it was trained on")
+                            f"sha256 differs from the recorded one; a relative recorded path resolves from the "
+                            f"current folder): pass --ae with the stage-one checkpoint it was trained on")
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
     return model.to(device).eval(), ae, ckpt
 

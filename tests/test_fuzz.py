@@ -443,7 +443,8 @@ def test_fuzz_cli_values(runs, tmp_path_factory, data):
     else:
         flag = data.draw(st.sampled_from(["--size", "--steps", "--batch-size", "--lr", "--ch-mult", "--ch",
                                           "--n-embed", "--dropout", "--kl-cycles", "--val-max", "--disc-start"]))
-        argv = ["--data", runs["data"], "--preset", "smoke", "--model", "vqvae", flag, data.draw(NUMBER),
+        model = "vae" if flag == "--kl-cycles" else "vqvae"  # each flag with the model kind it applies to
+        argv = ["--data", runs["data"], "--preset", "smoke", "--model", model, flag, data.draw(NUMBER),
                 "--out", out, "--dry-run"]
         main = prestage_train.main
     argv = [a for a in argv if a != ""] if data.draw(st.booleans()) else argv

@@ -300,6 +300,16 @@ def test_rotation_trick_jacobian_is_a_scaled_proper_rotation_in_the_plane_of_e_a
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
 
 
+def test_rotation_trick_passes_a_directionless_encoder_output_straight_through():
+    e = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    q = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    out = rotate_onto(e, q)
+    assert torch.equal(out.detach(), q)
+    g = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    (out * g).sum().backward()
+    torch.testing.assert_close(e.grad, torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]))  # copied; q = 0: none
+
+
 @pytest.mark.parametrize("grad", ["ste", "rotation"])
 def test_quantizer_gradient_modes_keep_the_codes_and_differ_only_in_the_encoder_gradient(grad):
     torch.manual_seed(0)

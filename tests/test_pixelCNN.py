@@ -210,7 +210,10 @@ def test_dilation_trains_dilated_stacks_and_samples(tmp_path, vqvae_run, capsys,
 @pytest.mark.parametrize("flags,message", [(["--dilation", ""], r"^--dilation '': give one or more dilations"),
                                            (["--dilation", "0,2"], r"^--dilation 0,2: must be a list of whole"),
                                            (["--n-layers", 1, "--dilation", 2], r"^--dilation 2: does not apply "
-                                                                                 r"with --n-layers 1")])
+                                                                                 r"with --n-layers 1"),
+                                           (["--n-layers", 3, "--dilation", "1,2,4"],
+                                            r"^--dilation 1,2,4: 3 dilations for the 2 gated layers after the type-A "
+                                            r"one \(--n-layers 3\): the last ones would never be used$")])
 def test_dilation_refusals(tmp_path, vqvae_run, flags, message):
     with pytest.raises(UserError, match=message):
         _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *flags, "--out", tmp_path / "bad")

@@ -209,6 +209,16 @@ def test_vq_grad_flag_reaches_the_quantiser_and_the_checkpoint(tmp_path, tiny_da
     assert model.quantizer.grad == "rotation"
 
 
+def test_a_vqvae_checkpoint_from_before_vq_grad_loads_straight_through(vqvae_run, tmp_path):
+    # written before the hyperparameter existed: neither its config nor its model_config names it
+    state = util.load_checkpoint(vqvae_run / "best.pt", kind="stage1")
+    state.pop("_path")
+    del state["config"]["vq_grad"], state["model_config"]["grad"]
+    util.save_checkpoint(state, tmp_path / "old.pt")
+    model, _ = prestage_train.load_autoencoder(tmp_path / "old.pt", torch.device("cpu"))
+    assert model.quantizer.grad == "ste"
+
+
 @pytest.mark.parametrize("model, flag, value, kind", [("vae", "--vq-grad", "rotation", "vqvae"),
                                                       ("vae", "--n-embed", 64, "vqvae"),
                                                       ("vqvae", "--kl-weight", 1e-3, "vae")])

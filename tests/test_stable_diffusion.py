@@ -87,6 +87,10 @@ def test_a_prior_refuses_another_stage_one_at_its_recorded_path(ldm_vq, vqvae_ru
     _sd("sample", "--ckpt", tmp_path / "other.pt", "--ae", vqvae_run / "best.pt", "--z", 3, "--steps", 2,
         "--out", tmp_path / "s.png")
     assert "warning: " in capsys.readouterr().out and (tmp_path / "s.png").exists()
+    state.pop("ae_sha256")  # a prior from before hashes were recorded: only the warning
+    util.save_checkpoint(state, tmp_path / "older.pt")
+    _sd("sample", "--ckpt", tmp_path / "older.pt", "--z", 3, "--steps", 2, "--out", tmp_path / "s2.png")
+    assert "warning: " in capsys.readouterr().out and (tmp_path / "s2.png").exists()
 
 
 @pytest.mark.parametrize("model", ["vae", "vqvae"])
