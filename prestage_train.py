@@ -330,9 +330,22 @@ def check_run_keys(config, args):
                         f"halves it, and the PatchGAN needs a 3x3 map after them)")
 
 
+EVAL_ONLY_FLAGS = {"eval_only", "ckpt", "split", "out_json", "device", "data"}
+
+
 def check_command_flags(args):
-    """Flags of --eval-only given to a training command: refused, not ignored."""
-    if not args.eval_only:
+    """Flags of --eval-only given to a training command, and training flags given to --eval-only: refused, not
+    ignored (the checkpoint's own config decides the model and its data size)."""
+    if args.eval_only:
+        switches = ("overwrite", "dry_run")  # store_true: False unless given; every other flag is None unless given
+        stray = [k for k, v in vars(args).items()
+                 if k not in EVAL_ONLY_FLAGS and v is not None and not (k in switches and v is False)]
+        if stray:
+            flag = ("--no-" if getattr(args, stray[0]) is False else "--") + stray[0].replace("_", "-")
+            raise UserError(f"{flag}: does not apply with --eval-only (the checkpoint's "
+                            f"config decides the model and the slice size; --eval-only takes --ckpt, --split, "
+                            f"--data, --device, --out-json)")
+    else:
         stray = [f for f, v in (("--ckpt", args.ckpt), ("--out-json", args.out_json)) if v is not None]
         if stray:
             raise UserError(f"{stray[0]}: applies only with --eval-only (to evaluate a checkpoint); training "
@@ -348,7 +361,7 @@ def main(argv=None):
     config = tr.resolve_config(args, HYPERS, PRESETS, "stage1", exclude=("eval_only", "split", "ckpt", "out_json"))
     config.setdefault("model", "vae")
     check_run_keys(config, args)
-    tr.check_applies(args, HYPERS, config["model"], "--model")
+    tr.check_applies(args, HYPERS, config["model"], "--model", resumed=bool(args.resume))
     rank, world, device = tr.setup_distributed(config.get("device") or "auto")
     if rank == 0:
         print(f"preset: {config['preset']}, model: {config['model']}")

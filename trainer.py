@@ -202,13 +202,13 @@ def resolve_config(args, hypers, presets, stage, exclude=()):
     return check_config(config)
 
 
-def check_applies(args, hypers, kind, kind_flag):
+def check_applies(args, hypers, kind, kind_flag, resumed=False):
     """Refuse a flag given for a model kind it does not apply to (e.g. --n-embed with a VAE): ignored, it would
     let the user believe the run used it."""
     for hyper in hypers:
         if hyper.applies not in (None, kind) and getattr(args, hyper.name, None) is not None:
             raise UserError(f"--{hyper.name.replace('_', '-')}: applies only with {kind_flag} {hyper.applies}, "
-                            f"and this run is {kind_flag} {kind}")
+                            f"and this run is {kind_flag} {kind}{' (its config.json)' if resumed else ''}")
 
 
 def check_values(values, hypers, where=None):

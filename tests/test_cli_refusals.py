@@ -53,6 +53,17 @@ def test_training_flags_of_eval_only_are_refused(tiny_data, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags, named", [(["--lr", "1e-3"], "--lr"), (["--model", "vae"], "--model"),
+                                          (["--no-vq-ema"], "--no-vq-ema"), (["--overwrite"], "--overwrite"),
+                                          (["--size", "32"], "--size")])
+def test_flags_of_training_given_to_eval_only_are_refused(vqvae_run, tiny_data, tmp_path, flags, named):
+    # the checkpoint decides the model: a flag that would change it is not silently ignored
+    with pytest.raises(UserError, match=f"^{named}: does not apply with --eval-only .*takes --ckpt, --split, "):
+        prestage_train.main(["--eval-only", "--ckpt", str(vqvae_run / "best.pt"), "--data", str(tiny_data), *flags,
+                             "--out-json", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
 @pytest.mark.parametrize("name", ["tpu", "mps", "cuda:x", "CPU", "cpu0"])
 def test_device_names_other_than_cpu_and_cuda_are_refused(name, tiny_data, tmp_path):
     with pytest.raises(UserError, match=f"--device {name}: expected auto, cpu, cuda or cuda:N"):
