@@ -315,8 +315,9 @@ def rotate_onto(e, q, eps=1e-6):
     scale that would blow its gradient up) passes the gradient straight through; q = 0 gets none (scale 0).
     """
     with torch.no_grad():
-        directionless = e.norm(dim=1, keepdim=True) < eps
-        e_norm = e.norm(dim=1, keepdim=True).clamp_min(eps)
+        e_norm = e.norm(dim=1, keepdim=True)
+        directionless = e_norm < eps
+        e_norm = e_norm.clamp_min(eps)
         q_norm = q.norm(dim=1, keepdim=True)
         e_hat, q_hat = e / e_norm, q / q_norm.clamp_min(eps)
         r = e_hat + q_hat

@@ -341,9 +341,8 @@ def check_command_flags(args):
         stray = [k for k, v in vars(args).items()
                  if k not in EVAL_ONLY_FLAGS and v is not None and not (k in switches and v is False)]
         if stray:
-            flag = ("--no-" if getattr(args, stray[0]) is False else "--") + stray[0].replace("_", "-")
-            raise UserError(f"{flag}: does not apply with --eval-only (the checkpoint's "
-                            f"config decides the model and the slice size; --eval-only takes --ckpt, --split, "
+            raise UserError(f"{tr.typed_flag(stray[0], getattr(args, stray[0]))}: does not apply with --eval-only "
+                            f"(the checkpoint's config decides the model and the slice size; --eval-only takes --ckpt, --split, "
                             f"--data, --device, --out-json)")
     else:
         stray = [f for f, v in (("--ckpt", args.ckpt), ("--out-json", args.out_json)) if v is not None]

@@ -202,13 +202,20 @@ def resolve_config(args, hypers, presets, stage, exclude=()):
     return check_config(config)
 
 
+def typed_flag(name, value):
+    """A flag as the user typed it: `--no-vq-ema` for a switch given False, else `--vq-ema`."""
+    return ("--no-" if value is False else "--") + name.replace("_", "-")
+
+
 def check_applies(args, hypers, kind, kind_flag, resumed=False):
     """Refuse a flag given for a model kind it does not apply to (e.g. --n-embed with a VAE): ignored, it would
     let the user believe the run used it."""
     for hyper in hypers:
-        if hyper.applies not in (None, kind) and getattr(args, hyper.name, None) is not None:
-            raise UserError(f"--{hyper.name.replace('_', '-')}: applies only with {kind_flag} {hyper.applies}, "
-                            f"and this run is {kind_flag} {kind}{' (its config.json)' if resumed else ''}")
+        given = getattr(args, hyper.name, None)
+        if hyper.applies not in (None, kind) and given is not None:
+            source = " (its config.json)" if resumed else ""
+            raise UserError(f"{typed_flag(hyper.name, given)}: applies only with {kind_flag} {hyper.applies}, and "
+                            f"this run is {kind_flag} {kind}{source}")
 
 
 def check_values(values, hypers, where=None):

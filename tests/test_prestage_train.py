@@ -221,10 +221,12 @@ def test_a_vqvae_checkpoint_from_before_vq_grad_loads_straight_through(vqvae_run
 
 @pytest.mark.parametrize("model, flag, value, kind", [("vae", "--vq-grad", "rotation", "vqvae"),
                                                       ("vae", "--n-embed", 64, "vqvae"),
+                                                      ("vae", "--no-vq-ema", None, "vqvae"),
                                                       ("vqvae", "--kl-weight", 1e-3, "vae")])
 def test_a_flag_of_the_other_model_kind_is_refused(tiny_data, tmp_path, model, flag, value, kind):
     with pytest.raises(UserError, match=f"^{flag}: applies only with --model {kind}, and this run is --model {model}$"):
-        _run("--model", model, "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "x", flag, value)
+        _run("--model", model, "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "x", flag,
+             *([] if value is None else [value]))  # a switch takes no value
     assert not (tmp_path / "x").exists()
 
 
