@@ -9,6 +9,7 @@ Commands:
     python prestage_train.py --eval-only --split test --ckpt runs/stage1-demo/best.pt
     torchrun --nproc_per_node=4 prestage_train.py --model vqvae --preset full --data /path/to/OASIS
     python prestage_train.py --model vae --dry-run            # print the resolved config and exit
+    python prestage_train.py --model vqvae --crop-size 32 --crop-steps 850   # 32x32 crops before the GAN
 
 Without --data the embedded MNI pseudo-cohort is built once into data/embedded_<size> and used.
 The best checkpoint (best.pt) is chosen on validate SSIM; the test split is only for --eval-only.
@@ -72,6 +73,11 @@ HYPERS = [
     *tr.loop_hypers(steps=150000, batch_size=16, lr=1e-4, warmup=1000, lr_schedule="cosine", log_every=50,
                     val_every=2000, ckpt_every=2000),
     H("val_max", 1120, "validate slices used per validation (0: all)", "loop"),
+    H("crop_size", 0, "train on random CROP x CROP crops of the slices for the first --crop-steps steps (the "
+      "autoencoder and the PatchGAN are convolutional; a 32x32 crop of a 64x64 slice makes a step ~2.4x cheaper "
+      "on CPU); 0: off", "loop"),
+    H("crop_steps", 0, "with --crop-size: how many steps from the start train on crops; the rest, and every "
+      "validation, see whole slices", "loop"),
 ]
 # full: the 256x256 recipe for a GPU. demo: a 0.8M-parameter model that trains in minutes on 2 CPU cores
 # (64x64, narrow, lr 1e-3 at batch 4: in the time of 2000 steps at batch 8, 3400 smaller steps gave the VQ-VAE
@@ -135,6 +141,14 @@ def load_autoencoder(path, device, flag="--ae"):
     return model.to(device).eval().requires_grad_(False), ckpt
 
 
+def random_crops(images, size, generator):
+    """One size x size crop of each slice of images [B, C, H, W], at offsets uniform over the slice."""
+    n, _, h, w = images.shape
+    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    return torch.stack([im[:, t: t + size, l: l + size] for im, t, l in zip(images, tops, lefts)])
+
+
 class StageOneTask(tr.Task):
     """Autoencoder (+ optional PatchGAN) training step and validate-split metrics."""
 
@@ -177,7 +191,10 @@ class StageOneTask(tr.Task):
 
     def train_step(self, batch, step):
         cfg = self.config
-        x = util.to_float(batch[0]).to(self.device, non_blocking=True)
+        images = batch[0]
+        if step < cfg["crop_steps"]:  # offsets drawn from (seed, step): a resumed run crops as the first did
+            images = random_crops(images, cfg["crop_size"], torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+        x = util.to_float(images).to(self.device, non_blocking=True)
         z = batch[1].to(self.device) if cfg["conditional"] else None
         with util.autocast(self.device):
             out = self.nets["model"](x, z)
@@ -321,6 +338,7 @@ def check_run_keys(config, args):
         raise UserError(f"{where} model {config['model']!r}, which must be vae or vqvae")
     if not isinstance(config.get("data"), (str, type(None))):
         raise UserError(f"{where} data {config['data']!r}, which must be a folder path")
+    check_crops(config, args)
     size, layers = config["size"], config["disc_layers"]
     if gan_is_used(config) and PatchDiscriminator.logits_size(size, layers) < 1:
         fits = [n for n in range(1, layers) if PatchDiscriminator.logits_size(size, n) >= 1]
@@ -328,6 +346,26 @@ def check_run_keys(config, args):
         raise UserError(f"--disc-layers {layers}{source}: at most "
                         f"{max(fits, default=0)} stride-2 discriminator layers fit a {size}x{size} slice (each "
                         f"halves it, and the PatchGAN needs a 3x3 map after them)")
+
+
+def check_crops(config, args):
+    """--crop-size and --crop-steps: both or neither, and a crop the autoencoder and the PatchGAN can take."""
+    crop, steps, size = config["crop_size"], config["crop_steps"], config["size"]
+    source = " (in the run's config.json)" if args.resume else ""
+    if (crop > 0) != (steps > 0):
+        given = f"--crop-size {crop}" if crop else f"--crop-steps {steps}"
+        other = "--crop-steps N (how many steps train on crops)" if crop else "--crop-size N"
+        raise UserError(f"{given}{source}: does nothing without {other}")
+    if not crop:
+        return
+    factor = 2 ** (len(config["ch_mult"]) - 1)  # each level after the first halves the slice
+    if crop >= size or crop % factor:
+        raise UserError(f"--crop-size {crop}{source}: must be smaller than the {size}x{size} slice and a multiple of "
+                        f"{factor} (the encoder halves it {len(config['ch_mult']) - 1} times)")
+    layers = config["disc_layers"]
+    if gan_is_used(config) and config["disc_start"] < steps and PatchDiscriminator.logits_size(crop, layers) < 1:
+        raise UserError(f"--crop-size {crop}{source}: too small for the PatchGAN's {layers} stride-2 layers, which "
+                        f"start at step {config['disc_start']}, before the crops end at {steps}")
 
 
 EVAL_ONLY_FLAGS = {"eval_only", "ckpt", "split", "out_json", "device", "data"}

@@ -269,3 +269,57 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_data, cli):
     assert ckpt["step"] == 8
     records = util.read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in records if "loss/rec" in r] == [2, 4, 6, 8]  # rank 0 logs alone, once per step
+
+
+def test_random_crops_are_windows_of_each_slice_at_uniform_offsets():
+    images = torch.arange(6 * 8 * 8, dtype=torch.int64).reshape(6, 1, 8, 8)  # every pixel value unique
+    crops = prestage_train.random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 1, 4, 4)
+    for im, crop in zip(images, crops):
+        top, left = divmod(int(crop[0, 0, 0] - im[0, 0, 0]), 8)  # the crop's first pixel names its offset
+        assert torch.equal(crop, im[:, top: top + 4, left: left + 4])
+    again = prestage_train.random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+    # offsets 0..4 both ways, each drawn about equally often over many slices
+    tops = prestage_train.random_crops(torch.arange(64).reshape(1, 1, 8, 8).expand(5000, 1, 8, 8), 4,
+                                       torch.Generator().manual_seed(1))[:, 0, 0, 0] // 8
+    counts = torch.bincount(tops, minlength=5)
+    assert len(counts) == 5 and counts.min() > 900
+
+
+def test_crop_steps_train_on_crops_and_validate_on_whole_slices(tmp_path, tiny_data, monkeypatch):
+    seen = []
+    step = prestage_train.StageOneTask.train_step
+
+    def spy(self, batch, i):
+        logs = step(self, batch, i)
+        seen.append((i, self.last_input_size))
+        return logs
+    forward = prestage_train.StageOneTask.reconstruction_loss
+
+    def size_spy(self, recon, x):
+        self.last_input_size = x.shape[-1]
+        return forward(self, recon, x)
+    monkeypatch.setattr(prestage_train.StageOneTask, "train_step", spy)
+    monkeypatch.setattr(prestage_train.StageOneTask, "reconstruction_loss", size_spy)
+    out = tmp_path / "crop"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 6, "--disc-start", 2,
+         "--val-every", 6, "--crop-size", 16, "--crop-steps", 4)
+    assert [size for _, size in sorted(seen)] == [16] * 4 + [32] * 2  # the PatchGAN (from step 2) takes crops too
+    val = [r for r in util.read_jsonl(out / "log.jsonl") if "val/ssim" in r]
+    assert val and 0 < val[-1]["val/ssim"] <= 1  # validation saw whole 32x32 slices
+    assert util.load_checkpoint(out / "last.pt")["config"]["crop_steps"] == 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--crop-size", 16], "^--crop-size 16: does nothing without --crop-steps N"),
+    (["--crop-steps", 3], "^--crop-steps 3: does nothing without --crop-size N"),
+    (["--crop-size", 32, "--crop-steps", 3], "^--crop-size 32: must be smaller than the 32x32 slice and a multiple of 2"),
+    (["--crop-size", 15, "--crop-steps", 3], "^--crop-size 15: must be smaller"),
+    (["--crop-size", 8, "--crop-steps", 3, "--disc-start", 1],
+     "^--crop-size 8: too small for the PatchGAN's 2 stride-2 layers, which start at step 1"),
+])
+def test_bad_crops_are_refused_in_one_line(tiny_data, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "x", *flags)
+    assert not (tmp_path / "x").exists()
