@@ -193,7 +193,8 @@ class StageOneTask(tr.Task):
         cfg = self.config
         images = batch[0]
         if step < cfg["crop_steps"]:  # offsets drawn from (seed, step): a resumed run crops as the first did
-            images = random_crops(images, cfg["crop_size"], torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+            offsets = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+            images = random_crops(images, cfg["crop_size"], offsets)
         x = util.to_float(images).to(self.device, non_blocking=True)
         z = batch[1].to(self.device) if cfg["conditional"] else None
         with util.autocast(self.device):
