@@ -245,6 +245,8 @@ def test_bits_per_code_matches_cross_entropy():
     targets = torch.randint(0, 10, (4, 5, 6))
     expected = F.cross_entropy(logits, targets) / math.log(2)
     torch.testing.assert_close(bits_per_code(logits, targets), expected)
+    # the model's own logits are channels-last (softmax along contiguous rows): the same value in either layout
+    torch.testing.assert_close(bits_per_code(logits.contiguous(memory_format=torch.channels_last), targets), expected)
     uniform = torch.zeros(2, 8, 3, 3)
     torch.testing.assert_close(bits_per_code(uniform, torch.zeros(2, 3, 3, dtype=torch.long)), torch.tensor(3.0))
 
@@ -256,6 +258,9 @@ def test_code_loss_and_condition_dropout():
     loss, bits = code_loss(model, indices, z)
     torch.testing.assert_close(bits, loss.detach() / math.log(2))
     torch.testing.assert_close(bits, bits_per_code(model(indices, z), indices))
+    logits = model(indices, z)
+    assert logits.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.contiguous(), indices))  # over NCHW's channel axis
     dropped, _ = code_loss(model, indices, z, p_uncond=1.0)
     null, _ = code_loss(model, indices, torch.full_like(z, -1))
     torch.testing.assert_close(dropped, null)
