@@ -157,7 +157,8 @@ class PixelCNNPrior(stage_two.Prior):
     def draw(self, model, config, z, generator, guidance, options, callback=None):
         return sample_codes(model, tuple(config["grid"]), z if config["conditional"] else None,
                             temperature=options["temperature"], generator=generator, guidance=guidance,
-                            batch_size=len(z), top_k=options.get("top_k", 0), top_p=options.get("top_p", 1.0))
+                            batch_size=len(z), top_k=options.get("top_k", 0), top_p=options.get("top_p", 1.0),
+                            num_threads=None, callback=callback)
 
 
 PRIOR = PixelCNNPrior()

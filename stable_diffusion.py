@@ -296,7 +296,7 @@ class DiffusionPrior(stage_two.Prior):
     def alone_note(self, config):
         return f" (trained with --neighbours {config['neighbours']}; --neighbours either draws subjects)"
 
-    def draw_chain(self, model, config, n, generator, guidance, options, order, snap):
+    def draw_chain(self, model, config, n, generator, guidance, options, order, snap, callback=None):
         """n subjects [n, K, C, h, w], slice by slice: the first (z = 0, or the middle one) alone, each next one
         conditioned on the slice drawn before it (snapped to what the stage one encodes, as in training)."""
         num_z, device = config["num_z"], next(model.parameters()).device
@@ -306,7 +306,7 @@ class DiffusionPrior(stage_two.Prior):
         def one(k, neighbour=None, side=0):
             z = torch.full((n,), k, dtype=torch.long, device=device)
             context = None if neighbour is None else neighbour_context(neighbour, torch.full((n,), side))
-            return snap(self.draw(model, config, z, generator, guidance, options, context=context))
+            return snap(self.draw(model, config, z, generator, guidance, options, callback, context))
 
         stack[start] = one(start)
         for k in range(start + 1, num_z):

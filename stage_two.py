@@ -20,6 +20,7 @@ resume, DDP and checkpoints come from here and from trainer.py unchanged.
 """
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +78,8 @@ class Prior:
 
     def draw(self, model, config, z, generator, guidance, options, callback=None):
         """Latents [B, C, h, w] (scaled as in training) or code grids [B, h, w] for z-indices z [B] (on the
-        model's device; -1 = unknown)."""
+        model's device; -1 = unknown). The sampler calls `callback` after each of its steps (a diffusion step, a
+        PixelCNN row) as callback(i, num_steps, x, x0_pred)."""
         raise NotImplementedError
 
     def train_data(self, cache):
@@ -93,9 +95,10 @@ class Prior:
         """Why this model draws every slice alone, for messages ('' where there is no other way)."""
         return ""
 
-    def draw_chain(self, model, config, n, generator, guidance, options, order, snap):
+    def draw_chain(self, model, config, n, generator, guidance, options, order, snap, callback=None):
         """n whole subjects [n, num_z, ...] drawn slice by slice in `order` (one of `stack_orders`); `snap` maps
-        a drawn latent to the nearest one the stage one produces, before it conditions the next slice."""
+        a drawn latent to the nearest one the stage one produces, before it conditions the next slice; `callback`
+        goes to every slice's `draw`."""
         raise NotImplementedError
 
 
@@ -415,18 +418,35 @@ def check_guidance(guidance, config=None):
 
 def generate(prior, model, ae, ckpt, z, device, guidance, options, seed, batch_size=64, callback=None):
     """Draw for each z (in batches) and decode; returns images [N, 1, H, W] and the seconds taken."""
-    def draw(gen):
+    def draw(gen, step):
         return [prior.draw(model, ckpt["config"], z[i:i + batch_size].to(device), gen, guidance, options,
-                           callback if i == 0 else None) for i in range(0, len(z), batch_size)]
+                           _both(callback, step) if i == 0 else step) for i in range(0, len(z), batch_size)]
     return _timed(prior, draw, ae, ckpt, z, device, seed)
 
 
+def _both(first, second):
+    """A sampler callback that calls `first` (None: nothing) and then `second`."""
+    if first is None:
+        return second
+
+    def both(*args):
+        first(*args)
+        second(*args)
+    return both
+
+
 def _timed(prior, draw, ae, ckpt, z, device, seed):
-    """Decoded images [N, 1, H, W] of what draw(generator) returns (a list of batches), and the seconds taken."""
+    """Decoded images [N, 1, H, W] of what draw(generator, step) returns (a list of batches), and the seconds
+    taken. `step` is a sampler callback that keeps the draw to the CPU cores other processes leave free
+    (trainer.ThreadGovernor): a sampler's small tensors on a core another process holds wait many times over."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    governor = tr.ThreadGovernor(device, lambda text: print(text, file=sys.stderr), "sampling").start()
     t0 = time.perf_counter()
-    with torch.no_grad(), util.autocast(device, enabled=prior.amp):
-        drawn = torch.cat(draw(gen))
+    try:
+        with torch.no_grad(), util.autocast(device, enabled=prior.amp):
+            drawn = torch.cat(draw(gen, lambda *_: governor.adjust()))
+    finally:
+        governor.restore()
     images = decode(ae, drawn, z, device, ckpt["config"].get("scale_factor", 1.0))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -468,9 +488,9 @@ def generate_stacks(prior, model, ae, ckpt, n, device, guidance, options, seed, 
         return images, z, seconds
     snap = snap_to_stage_one(ae, config.get("scale_factor", 1.0))
 
-    def draw(gen):
+    def draw(gen, step):
         return [prior.draw_chain(model, config, min(batch_size, n - i), gen, guidance, options, order,
-                                 snap).flatten(0, 1) for i in range(0, n, batch_size)]
+                                 snap, step).flatten(0, 1) for i in range(0, n, batch_size)]
     images, seconds = _timed(prior, draw, ae, ckpt, z, device, seed)
     return images, z, seconds
 
@@ -642,9 +662,9 @@ def follow_metrics(prior, model, ae, ckpt, device, guidance, options, seed, batc
     z = z if config["conditional"] else torch.full_like(z, -1)
     grid = config["latent_shape"][-1]
 
-    def draw(gen):
+    def draw(gen, step):
         return [prior.draw(model, config, z[i:i + batch_size].to(device), gen, guidance,
-                           {**options, "tissue": tissue_grid(test.labels[i:i + batch_size], grid)})
+                           {**options, "tissue": tissue_grid(test.labels[i:i + batch_size], grid)}, step)
                 for i in range(0, len(z), batch_size)]
     samples, _ = _timed(prior, draw, ae, ckpt, z, device, seed)
     labeller = evaluation.segmenter_for(config["data"], size)

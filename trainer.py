@@ -439,14 +439,14 @@ class ThreadGovernor:
     process holds arrives a scheduler slice late, so its partners wait in every region: on 2 cores one busy
     foreign process made a 2-thread step 43x slower, where one thread on the free core loses nothing
     (docs/RESULTS.md). At start-up and then every 2 s this reads the cores others kept busy (/proc/stat, this
-    process's CPUs only) and trains on the cores left; `restore` puts the start-up count back. A different
+    process's CPUs only) and trains (or samples) on the cores left; `restore` puts the start-up count back. A different
     thread count sums in a different order, so runs are bit-reproducible only with a fixed count: set
     OMP_NUM_THREADS (as the tests do) and this stays off. Off on CUDA and where /proc/stat is not readable."""
 
     DROP, RISE = 0.4, 0.15  # a core busier than DROP is given up; one quieter than RISE is taken back
 
-    def __init__(self, device, say=print):
-        self.say = say
+    def __init__(self, device, say=print, doing="training"):
+        self.say, self.doing = say, doing
         self.last = util.cpu_times() if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ else None
         self.enabled = self.last is not None
         self.most = torch.get_num_threads()
@@ -460,6 +460,13 @@ class ThreadGovernor:
         target = fewer if fewer < current else more if more > current else current
         return max(1, min(self.most, target))
 
+    def start(self):
+        """A first reading of the load (0.25 s) and the threads it leaves, before the work starts; returns self."""
+        if self.enabled:
+            time.sleep(0.25)
+            self.adjust(min_wall=0.2)
+        return self
+
     def adjust(self, min_wall=2.0):
         """Re-read the load since the last reading, once `min_wall` seconds have passed, and set the threads."""
         if not self.enabled or time.perf_counter() - self.last[2] < min_wall:
@@ -472,8 +479,8 @@ class ThreadGovernor:
         threads = self.threads_for(foreign, torch.get_num_threads())
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            self.say(f"note: other processes kept {foreign:.1f} of {self.cores} cores busy: training on {threads} "
-                     f"thread{'s' if threads > 1 else ''} now (set OMP_NUM_THREADS to fix the count)")
+            self.say(f"note: other processes kept {foreign:.1f} of {self.cores} cores busy: {self.doing} on "
+                     f"{threads} thread{'s' if threads > 1 else ''} now (set OMP_NUM_THREADS to fix the count)")
 
     def restore(self):
         """Back to the start-up thread count."""
@@ -741,10 +748,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, leave=True,
                    file=sys.stdout, mininterval=1.0)
         metrics, t_last, items = {}, time.perf_counter(), 0
-        self.governor = ThreadGovernor(self.device, bar.write if self.rank == 0 else lambda text: None)
+        self.governor = ThreadGovernor(self.device, bar.write if self.rank == 0 else lambda text: None).start()
         governor = self.governor
-        time.sleep(0.25 if governor.enabled else 0)  # a first reading of the load before the first step
-        governor.adjust(min_wall=0.2)
         while self.step < total:
             batch = self.next_batch()
             lr = lr_at(self.step, cfg)

@@ -210,6 +210,30 @@ def test_greedy_sample_is_a_fixed_point_of_forward():
         assert torch.equal(model(codes, z).argmax(1), codes)
 
 
+def test_sampling_calls_back_after_each_row_and_leaves_the_thread_count_to_it():
+    """callback(i, rows, codes, None) after row i, with rows 0..i drawn; the draw is the one without a callback;
+    with num_threads=None the count the callback sets stands after the call."""
+    model = small_model(n_layers=3, kernel_size=3)
+    z = torch.tensor([2, 7])
+    plain = sample_codes(model, (4, 5), z, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def record(i, rows, codes, x0):
+        seen.append((i, rows, x0, codes[:, : i + 1].clone()))
+        torch.set_num_threads(2)
+
+    pinned = torch.get_num_threads()
+    try:
+        codes = sample_codes(model, (4, 5), z, generator=torch.Generator().manual_seed(1), num_threads=None,
+                             callback=record)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(pinned)
+    assert torch.equal(codes, plain)
+    assert [(i, rows, x0) for i, rows, x0, _ in seen] == [(i, 4, None) for i in range(4)]
+    assert all(torch.equal(drawn, plain[:, : i + 1]) for i, _, _, drawn in seen)
+
+
 def test_sampling_restores_training_mode_and_threads():
     model = small_model(dropout=0.5).train()
     pinned = torch.get_num_threads()  # the conftest `one_thread` pin, restored below

@@ -5,8 +5,10 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_stable_diffusion
 """
 import json
 import math
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,32 @@ def test_guidance_runs_and_changes_the_samples(ldm_vae, tmp_path, capsys, cli):
     plain, _ = _generate(model, ae, ckpt, z, 1.0)
     guided, _ = _generate(model, ae, ckpt, z, 2.0)
     assert plain.shape == guided.shape == (2, 1, 32, 32) and not torch.equal(plain, guided)
+
+
+def test_sampling_keeps_to_the_cores_other_processes_leave_free(ldm_vae, monkeypatch, capsys):
+    """stage_two's draws run under trainer.ThreadGovernor: with another process holding one of two cores the
+    sampler's steps run on one thread, the note says so on stderr, and the start-up count is back after."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    clock, start = iter(range(0, 10 ** 6, 3)), time.perf_counter() - 10 ** 7
+
+    def busy():  # readings 3 s apart, both cores busy with other processes' work all along
+        t = next(clock)
+        return 2.0 * t, 0.0, start + t
+    monkeypatch.setattr(util, "cpu_times", busy)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    model, schedule, ae, ckpt = _load(ldm_vae / "best.pt")
+    threads = []
+    pinned = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _generate(model, ae, ckpt, torch.tensor([0, 16]), 1.0, callback=lambda *a: threads.append(
+            torch.get_num_threads()))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(pinned)
+    assert threads == [1] * 5  # every one of the 5 DDIM steps
+    assert "note: other processes kept 2.0 of 2 cores busy: sampling on 1 thread now" in capsys.readouterr().err
 
 
 def test_x0_clip_defaults_to_training_latent_range(ldm_vae, tmp_path):
