@@ -8,7 +8,7 @@ Commands:
     python pixelCNN.py train --resume runs/pixelcnn-demo
     python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --n 2 --z 0..31 --temperature 1.0 \
         --seed 0 --out grid.png
-    python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --z 0,8,16,24 --guidance 1.5 --temperature 1.2
+    python pixelCNN.py sample --ckpt runs/pixelcnn-demo/best.pt --z 0,8,16,24 --guidance 1.75 --temperature 1.2
     python pixelCNN.py evaluate --ckpt runs/pixelcnn-demo/best.pt --n 4
     torchrun --nproc_per_node=4 pixelCNN.py train --ae runs/vq-full/best.pt --preset full
 """

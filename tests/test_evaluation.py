@@ -265,6 +265,24 @@ def test_frechet_distance_matches_scipy_and_is_silent_on_singular_covariances():
     assert fd == pytest.approx(((a[:4].mean(0) - b[:4].mean(0)) ** 2).sum() + np.trace(c1 + c2) - 2 * direct, rel=1e-6)
 
 
+def test_real_swd_is_cached_by_its_slices_and_settings(tmp_path, monkeypatch):
+    a, b = smooth_fields(24, seed=1), smooth_fields(20, seed=2)
+    args = (tmp_path / "data", 32, 64)
+    first = ev.real_swd_for(a, b, *args, 0, cache_dir=tmp_path)
+    assert first == ev.swd(a, b, 32, 64, 0)
+    (written,) = tmp_path.glob("swdreal_*.json")
+    calls = []
+    monkeypatch.setattr(ev, "swd", lambda *xs: calls.append(xs) or {"level_32": 1.0, "mean": 1.0})
+    assert ev.real_swd_for(a, b, *args, 0, cache_dir=tmp_path) == first and not calls  # read back
+    ev.real_swd_for(a, b, *args, 1, cache_dir=tmp_path)  # another seed
+    ev.real_swd_for(a, b[:-1], *args, 0, cache_dir=tmp_path)  # other slices
+    ev.real_swd_for(a, b, tmp_path / "data", 16, 64, 0, cache_dir=tmp_path)  # other patches per image
+    assert len(calls) == 3
+    written.write_text("{not json")
+    assert ev.real_swd_for(a, b, *args, 0, cache_dir=tmp_path) == {"level_32": 1.0, "mean": 1.0}  # recomputed
+    assert json.loads(written.read_text()) == {"level_32": 1.0, "mean": 1.0}
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluate_samples end to end
 
