@@ -491,7 +491,7 @@ def sample_codes(model, shape, z=None, temperature=1.0, generator=None, guidance
     meaningful for a model trained with `p_uncond > 0`), at twice the cost.  The model is put in eval mode,
     and torch's CPU thread count is set to `num_threads` (None: unchanged) for the duration: the per-position
     tensors are tiny, and on a shared CPU two threads were measured to be many times slower than one (on free
-    cores two are 1.5x faster: the stage-two scripts pass None and a `callback`, called after each row as
+    cores two were 1.24x faster: the stage-two scripts pass None and a `callback`, called after each row as
     callback(i, rows, codes, None), that keeps the count to the free cores).
     """
     batch = z.shape[0] if z is not None else batch_size
