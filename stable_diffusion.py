@@ -68,10 +68,9 @@ HYPERS = [
     H("objective", "v", "predict the noise (eps) or v", "loss", choices=("eps", "v")),
     H("min_snr_gamma", 0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0 = plain MSE",
       "loss"),
-    H("ema_decay", 0.9999, "EMA decay of the weights that validation and sampling use", "optimisation", high=1),
     H("sample_steps", 50, "DDIM steps of the validation sample grid", "output", low=1),
-    *stage_two.prior_hypers(steps=200000, batch_size=64, lr=1e-4, warmup=1000, lr_schedule="constant",
-                            log_every=100, val_every=5000, ckpt_every=5000),
+    *stage_two.prior_hypers(ema_decay=0.9999, steps=200000, batch_size=64, lr=1e-4, warmup=1000,
+                            lr_schedule="constant", log_every=100, val_every=5000, ckpt_every=5000),
 ]
 # full: the UNet of the 256x256 recipe on 32x32x4 latents, for a GPU. demo: a 32-channel UNet for minutes
 # on 2 CPU cores (cosine decay settles a short run). smoke: seconds, for the tests.
@@ -95,8 +94,6 @@ class DiffusionTask(stage_two.PriorTask):
     def __init__(self, prior, config, device, ae, cache):
         super().__init__(prior, config, device, ae, cache)
         self.schedule = NoiseSchedule(config["schedule"], config["timesteps"])
-        self.ema = tr.EMA(self.model, config["ema_decay"])
-        self.models["ema"] = self.ema.model
         self.val_data = self.val_data * config["scale_factor"]
         # Neighbours are looked up in the whole split (a batch holds only their indices), on the host: a large
         # cache is not copied to the GPU a second time, and one batch of latents moves per step.
@@ -134,7 +131,6 @@ class DiffusionTask(stage_two.PriorTask):
             loss, per_sample, t = diffusion_loss(self.nets["model"], self.schedule, x0, z, cfg["objective"],
                                                  cfg["p_uncond"], context=context, min_snr_gamma=cfg["min_snr_gamma"])
         self.optimizer_step(loss)
-        self.ema.update(self.model)
         return {"loss/diffusion": loss.detach(), **loss_by_quartile(per_sample.detach().float(), t, cfg["timesteps"])}
 
     @torch.no_grad()
@@ -172,7 +168,7 @@ class DiffusionPrior(stage_two.Prior):
 
     name, kind, stage = "latent diffusion model", "diffusion", "ldm"
     cache_what, cache_file = "latent", "latents.pt"
-    weights, gif, amp, sample_out = "ema", True, True, "samples.png"
+    gif, amp, sample_out = True, True, "samples.png"
     from_maps = True
     derived = [("latent_shape", lambda v: tr.is_shape(v, 3), "[channels, height, width]"),
                ("scale_factor", lambda v: tr.is_finite(v, 1e-12), "a positive number"),

@@ -43,7 +43,7 @@ class Prior:
     cache_what = None    # what the cache holds: "latent" (continuous) or "indices" (VQ codes)
     cache_file = None    # the cache's name in the run directory
     needs_codes = False  # True: the stage one must be a VQ-VAE
-    weights = "model"    # the state dict that sample/evaluate use ("ema" where one is kept)
+    weights = "ema"      # the state dict that sample/evaluate use (checkpoints from before it: "model")
     gif = False          # sample --gif: the sampler reports x0 predictions along the way
     from_maps = False    # sample --labels MAP: draws for a given tissue map (a model trained with --tissue)
     amp = False          # sample/evaluate draw under bf16 autocast on CUDA (validation previews stay fp32)
@@ -102,11 +102,13 @@ class Prior:
         raise NotImplementedError
 
 
-def prior_hypers(**loop):
-    """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs) and the
-    loop's, with the prior's `full` values (see trainer.loop_hypers)."""
+def prior_hypers(ema_decay, ema_before=tr.FULL, **loop):
+    """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs), the weights'
+    EMA and the loop's, with the prior's `full` values (see trainer.loop_hypers)."""
     return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs",
                      "loss", high=1),
+            tr.Hyper("ema_decay", ema_decay, "EMA decay of the weights that validation and sampling use (0: the "
+                     "trained weights)", "optimisation", high=1, before=ema_before),
             tr.Hyper("flip", False, "also train on every train slice mirrored left-right (encoded once into the "
                      "cache): twice the training codes or latents, for a prior that otherwise overfits a small set",
                      "data", before=False),
@@ -285,6 +287,10 @@ class PriorTask(tr.Task):
         torch.manual_seed(config["seed"])
         self.model = prior.build(config).to(device)
         self.models = {"model": self.model}
+        # the averaged weights that validation and sampling use (decay 0: the trained weights themselves)
+        self.ema = tr.EMA(self.model, config["ema_decay"])
+        self.models["ema"] = self.ema.model
+        self.added_models = {"ema": "model"}  # a run from before the PixelCNN kept an EMA resumes from its weights
         # fused: one kernel per step instead of a dozen per tensor (1.05x a diffusion demo step on CPU)
         self.optimizers = {"opt": torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0,
                                                     fused=True)}
@@ -294,11 +300,12 @@ class PriorTask(tr.Task):
         return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"], "ae_kind": self.ae.kind}
 
     def optimizer_step(self, loss):
-        """Backward and one AdamW step."""
+        """Backward, one AdamW step, and the EMA of the weights."""
         opt = self.optimizers["opt"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        self.ema.update(self.model)
 
     def save_preview(self, model, step, run_dir, generator, options):
         """Decode one draw of `model` for PREVIEW_SLICES z-indices spread bottom to top into run_dir/samples."""
@@ -352,7 +359,7 @@ def load_prior(prior, path, device, ae_override=None):
         ("spacing", lambda v: v is None or is_spacing(v), "three voxel sizes > 0 in mm (or absent)"), *prior.derived])
     try:
         model = prior.build(ckpt["config"])
-        model.load_state_dict(ckpt[prior.weights])
+        model.load_state_dict(ckpt[prior.weights if prior.weights in ckpt else "model"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config "
                         f"({str(err).splitlines()[0][:160]})") from None

@@ -97,25 +97,46 @@ def test_code_features_train_on_the_stage_one_codebook_and_sample(tmp_path, vqva
     assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
 
 
-def test_a_run_from_before_position_and_code_features_samples_and_resumes(tmp_path, vqvae_run, capsys, cli):
+def test_a_run_from_before_position_code_features_and_the_ema_samples_and_resumes(tmp_path, vqvae_run, capsys,
+                                                                                   cli):
     # Runs saved before these hyperparameters existed lack them in config.json and in their checkpoints; they
-    # must load as the model they were (no position features), not as today's default.
+    # must load as the model they were (no position features, its trained weights), not as today's default.
     out = tmp_path / "old"
     _pc("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--no-position", "--out", out)
+    old_keys = ("position", "code_features", "ema_decay")
     for name in ("best.pt", "last.pt"):
         state = torch.load(out / name, map_location="cpu", weights_only=True)
-        for key in ("position", "code_features"):
+        for key in old_keys:
             del state["config"][key]
         assert not any("pos_proj" in k for k in state["model"])
+        del state["ema"]
         util.save_checkpoint(state, out / name)
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items()
-                                                  if k not in ("position", "code_features")}))
+    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in old_keys}))
+    model, _, ckpt = stage_two.load_prior(pixelCNN.PRIOR, out / "best.pt", CPU)
+    assert ckpt["config"]["ema_decay"] == 0.0
+    for k, v in model.state_dict().items():  # the weights it was trained to, there being no average
+        assert torch.equal(v, ckpt["model"][k]), k
     capsys.readouterr()
     _pc("sample", "--ckpt", out / "best.pt", "--n", 1, "--z", "0,9", "--device", "cpu", "--out", tmp_path / "s.png")
     assert "2 samples" in capsys.readouterr().out
     _pc("train", "--resume", out, "--steps", 8)
-    assert util.load_checkpoint(out / "last.pt", kind="pixelcnn")["step"] == 8
+    resumed = util.load_checkpoint(out / "last.pt", kind="pixelcnn")
+    assert resumed["step"] == 8
+    for k, v in resumed["ema"].items():  # decay 0: the average is the trained weights
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_validation_scores_the_ema_that_samples_and_the_trained_weights(pcnn_run):
+    ckpt = util.load_checkpoint(pcnn_run / "best.pt", kind="pixelcnn")
+    assert ckpt["config"]["ema_decay"] == 0.9  # the smoke preset's
+    model, _, _ = stage_two.load_prior(pixelCNN.PRIOR, pcnn_run / "best.pt", CPU)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["ema"][k]), k
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    vals = [r for r in util.read_jsonl(pcnn_run / "log.jsonl") if "val/bits_per_code" in r]
+    assert vals and all(math.isfinite(r["val/bits_per_code"]) and math.isfinite(r["val/bits_per_code_raw"])
+                        and r["val/bits_per_code"] != r["val/bits_per_code_raw"] for r in vals)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, vqvae_run, capsys, cli):

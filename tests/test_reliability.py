@@ -31,7 +31,7 @@ from util import UserError
 MAIN = {"prestage_train.py": prestage_train.main, "stable_diffusion.py": stable_diffusion.main,
         "pixelCNN.py": pixelCNN.main}
 KIND = {"vae": "stage1", "vqvae": "stage1", "ldm": "diffusion", "pixelcnn": "pixelcnn"}
-MODELS = {"vae": ("model", "disc"), "vqvae": ("model", "disc"), "ldm": ("model", "ema"), "pixelcnn": ("model",)}
+MODELS = {"vae": ("model", "disc"), "vqvae": ("model", "disc"), "ldm": ("model", "ema"), "pixelcnn": ("model", "ema")}
 STEPS, CKPT = 24, 4  # kill-chain runs: 6 checkpoints, validation only at the end (--val-every 1000)
 
 

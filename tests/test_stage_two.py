@@ -123,3 +123,23 @@ def test_flip_flag_trains_a_prior_on_the_doubled_cache(vqvae_run, tmp_path):
                                                                                  cache["train_z"][n:])
     mirror_below = cache["train_below"][n:]
     assert bool((mirror_below[mirror_below >= 0] >= n).all())  # mirrored slices neighbour mirrored slices
+
+
+@pytest.mark.parametrize("trainer", ["pixelcnn", "diffusion"])
+def test_every_prior_keeps_the_decayed_average_of_its_trained_weights(playground_module, trainer):
+    # After each step: ema <- d * ema + (1 - d) * weights, computed here from the weights each step leaves;
+    # buffers are copied, not averaged.
+    task, cfg, batch = playground_module("full_costs").build(trainer, "smoke")
+    d = cfg["ema_decay"]
+    assert 0 < d < 1
+    expected = {k: v.clone() for k, v in task.model.named_parameters()}
+    for step in range(3):
+        task.train_step(batch(cfg["batch_size"]), step)
+        for k, v in task.model.named_parameters():
+            expected[k] = d * expected[k] + (1 - d) * v.detach()
+    ema = dict(task.ema.model.named_parameters())
+    assert any(not torch.equal(ema[k], v) for k, v in task.model.named_parameters())  # not the weights themselves
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-6)
+    for (k, b), (_, eb) in zip(task.model.named_buffers(), task.ema.model.named_buffers()):
+        assert torch.equal(b, eb), k
