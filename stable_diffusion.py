@@ -140,7 +140,7 @@ class DiffusionTask(stage_two.PriorTask):
         x0, z = self.val_data[:n].to(self.device), self.val_z[:n].to(self.device)
         below, above = (v[:n] for v in self.val_neighbours) if cfg["neighbours"] != "none" else (None, None)
         losses = {}
-        for net, name in ((self.model, "val/loss_raw"), (self.ema.model, "val/loss")):
+        for net, name in ((self.model, "val/loss_raw"), (self.sampled, "val/loss")):
             # Fixed noise, t and neighbours per validation: the numbers are comparable across steps.
             g = torch.Generator().manual_seed(cfg["seed"])
             tissue = None if self.val_tissue is None else self.val_tissue[:n]
@@ -149,7 +149,7 @@ class DiffusionTask(stage_two.PriorTask):
                                               context=context)
             losses[name] = per_sample.mean().item()
         options = dict(sampler="ddim", steps=cfg["sample_steps"], eta=0.0, clip_x0=cfg.get("x0_clip"))
-        self.save_preview(self.ema.model, step, run_dir, torch.Generator().manual_seed(cfg["seed"]), options)
+        self.save_preview(self.sampled, step, run_dir, torch.Generator().manual_seed(cfg["seed"]), options)
         return losses
 
 

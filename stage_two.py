@@ -43,7 +43,7 @@ class Prior:
     cache_what = None    # what the cache holds: "latent" (continuous) or "indices" (VQ codes)
     cache_file = None    # the cache's name in the run directory
     needs_codes = False  # True: the stage one must be a VQ-VAE
-    weights = "ema"      # the state dict that sample/evaluate use (checkpoints from before it: "model")
+    weights = "ema"      # the state dict that sample/evaluate use ("model" where a run kept no EMA)
     gif = False          # sample --gif: the sampler reports x0 predictions along the way
     from_maps = False    # sample --labels MAP: draws for a given tissue map (a model trained with --tissue)
     amp = False          # sample/evaluate draw under bf16 autocast on CUDA (validation previews stay fp32)
@@ -102,13 +102,13 @@ class Prior:
         raise NotImplementedError
 
 
-def prior_hypers(ema_decay, ema_before=tr.FULL, **loop):
+def prior_hypers(ema_decay, **loop):
     """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs), the weights'
     EMA and the loop's, with the prior's `full` values (see trainer.loop_hypers)."""
     return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs",
                      "loss", high=1),
             tr.Hyper("ema_decay", ema_decay, "EMA decay of the weights that validation and sampling use (0: the "
-                     "trained weights)", "optimisation", high=1, before=ema_before),
+                     "trained weights)", "optimisation", high=1),
             tr.Hyper("flip", False, "also train on every train slice mirrored left-right (encoded once into the "
                      "cache): twice the training codes or latents, for a prior that otherwise overfits a small set",
                      "data", before=False),
@@ -287,14 +287,19 @@ class PriorTask(tr.Task):
         torch.manual_seed(config["seed"])
         self.model = prior.build(config).to(device)
         self.models = {"model": self.model}
-        # the averaged weights that validation and sampling use (decay 0: the trained weights themselves)
-        self.ema = tr.EMA(self.model, config["ema_decay"])
-        self.models["ema"] = self.ema.model
-        self.added_models = {"ema": "model"}  # a run from before the PixelCNN kept an EMA resumes from its weights
+        # the averaged weights that validation and sampling use; decay 0: none, the trained weights themselves
+        self.ema = tr.EMA(self.model, config["ema_decay"]) if config["ema_decay"] > 0 else None
+        if self.ema:
+            self.models["ema"] = self.ema.model
         # fused: one kernel per step instead of a dozen per tensor (1.05x a diffusion demo step on CPU)
         self.optimizers = {"opt": torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0,
                                                     fused=True)}
         self.val_data, self.val_z = cache["validate"], cache["validate_z"]
+
+    @property
+    def sampled(self):
+        """The network whose weights validation and sampling use: the EMA where one is kept."""
+        return self.ema.model if self.ema else self.model
 
     def extra_state(self):
         return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"], "ae_kind": self.ae.kind}
@@ -305,7 +310,8 @@ class PriorTask(tr.Task):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        self.ema.update(self.model)
+        if self.ema:
+            self.ema.update(self.model)
 
     def save_preview(self, model, step, run_dir, generator, options):
         """Decode one draw of `model` for PREVIEW_SLICES z-indices spread bottom to top into run_dir/samples."""

@@ -414,7 +414,6 @@ class Task:
         self.lr_scale = {}    # optimizer name -> multiple of the scheduled rate it runs at (default 1)
         self.trained = ("model",)  # the models a train_step runs forward and backward
         self.nets = {}        # name -> the trained model as train_step calls it (DDP / compiled), set by the Trainer
-        self.added_models = {}  # name -> the model a checkpoint from before `name` existed starts it from
 
     def train_step(self, batch, step):
         """One optimiser step on `batch` (tensors on device), calling the models through `self.nets`;
@@ -550,8 +549,7 @@ class Trainer:
         """Restore a checkpoint written by `state_dict`."""
         try:
             for name, model in self.task.models.items():
-                key = name if name in state else self.task.added_models.get(name, name)
-                unwrap(model).load_state_dict(state[key])
+                unwrap(model).load_state_dict(state[name])
             for name, opt in self.task.optimizers.items():
                 opt.load_state_dict(state[name])
         except (KeyError, RuntimeError, ValueError) as err:
