@@ -43,7 +43,6 @@ class Prior:
     cache_what = None    # what the cache holds: "latent" (continuous) or "indices" (VQ codes)
     cache_file = None    # the cache's name in the run directory
     needs_codes = False  # True: the stage one must be a VQ-VAE
-    weights = "ema"      # the state dict that sample/evaluate use ("model" where a run kept no EMA)
     gif = False          # sample --gif: the sampler reports x0 predictions along the way
     from_maps = False    # sample --labels MAP: draws for a given tissue map (a model trained with --tissue)
     amp = False          # sample/evaluate draw under bf16 autocast on CUDA (validation previews stay fp32)
@@ -365,7 +364,7 @@ def load_prior(prior, path, device, ae_override=None):
         ("spacing", lambda v: v is None or is_spacing(v), "three voxel sizes > 0 in mm (or absent)"), *prior.derived])
     try:
         model = prior.build(ckpt["config"])
-        model.load_state_dict(ckpt[prior.weights if prior.weights in ckpt else "model"])
+        model.load_state_dict(ckpt["ema" if "ema" in ckpt else "model"])  # the EMA where the run kept one
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise UserError(f"--ckpt {ckpt['_path']}: weights do not match its config "
                         f"({str(err).splitlines()[0][:160]})") from None
