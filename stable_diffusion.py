@@ -130,7 +130,7 @@ class DiffusionTask(stage_two.PriorTask):
         with util.autocast(self.device):
             loss, per_sample, t = diffusion_loss(self.nets["model"], self.schedule, x0, z, cfg["objective"],
                                                  cfg["p_uncond"], context=context, min_snr_gamma=cfg["min_snr_gamma"])
-        self.optimizer_step(loss)
+        self.optimizer_step(loss, step)
         return {"loss/diffusion": loss.detach(), **loss_by_quartile(per_sample.detach().float(), t, cfg["timesteps"])}
 
     @torch.no_grad()
@@ -184,6 +184,7 @@ class DiffusionPrior(stage_two.Prior):
         return cache["train"], cache["train_z"], cache["train_below"], cache["train_above"], *tissue
 
     def check_config(self, config):
+        super().check_config(config)
         if config["tissue"] and not 0 < config["p_tissue_drop"] < 1:
             raise UserError(f"--p-tissue-drop {config['p_tissue_drop']}: must lie strictly between 0 and 1 with "
                             f"--tissue (0 never teaches drawing without a map, 1 never shows one)")

@@ -56,6 +56,12 @@ class Prior:
 
     def check_config(self, config):
         """Refuse, before anything loads, hyperparameter values that cannot work together (UserError)."""
+        if config["ema_start"] and not config["ema_decay"]:
+            raise UserError(f"--ema-start {config['ema_start']}: there is no EMA to start (--ema-decay 0); give "
+                            f"--ema-decay > 0 or leave --ema-start at 0")
+        if config["ema_start"] >= config["steps"]:
+            raise UserError(f"--ema-start {config['ema_start']}: must be below --steps {config['steps']}, or the "
+                            f"EMA would average nothing")
 
     def complete_config(self, config, cache, ae):
         """Settings derived from the cache and the stage one (latent shape, scale factor, grid, ...)."""
@@ -108,6 +114,8 @@ def prior_hypers(ema_decay, **loop):
                      "loss", high=1),
             tr.Hyper("ema_decay", ema_decay, "EMA decay of the weights that validation and sampling use (0: the "
                      "trained weights)", "optimisation", high=1),
+            tr.Hyper("ema_start", 0, "the first step the EMA averages; before it the EMA is the trained weights "
+                     "themselves (so a short run's average holds none of the random start)", "optimisation"),
             tr.Hyper("flip", False, "also train on every train slice mirrored left-right (encoded once into the "
                      "cache): twice the training codes or latents, for a prior that otherwise overfits a small set",
                      "data", before=False),
@@ -303,14 +311,14 @@ class PriorTask(tr.Task):
     def extra_state(self):
         return {"ae_path": self.config["ae"], "ae_sha256": self.config["ae_sha256"], "ae_kind": self.ae.kind}
 
-    def optimizer_step(self, loss):
-        """Backward, one AdamW step, and the EMA of the weights."""
+    def optimizer_step(self, loss, step):
+        """Backward, one AdamW step, and the EMA of the weights (a copy of them before step `ema_start`)."""
         opt = self.optimizers["opt"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if self.ema:
-            self.ema.update(self.model)
+            self.ema.update(self.model, decay=0.0 if step < self.config["ema_start"] else None)
 
     def save_preview(self, model, step, run_dir, generator, options):
         """Decode one draw of `model` for PREVIEW_SLICES z-indices spread bottom to top into run_dir/samples."""

@@ -358,11 +358,12 @@ class EMA:
         self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model):
-        """Average the parameters; copy buffers (running statistics or EMA codebooks are not weights)."""
-        src = unwrap(model)
+    def update(self, model, decay=None):
+        """Average the parameters (at `decay` where given, else the EMA's own; 0 copies them); copy buffers (running
+        statistics or EMA codebooks are not weights)."""
+        src, decay = unwrap(model), self.decay if decay is None else decay
         for ema_p, p in zip(self.model.parameters(), src.parameters()):
-            ema_p.lerp_(p.detach(), 1 - self.decay)
+            ema_p.lerp_(p.detach(), 1 - decay)
         for ema_b, b in zip(self.model.buffers(), src.buffers()):
             ema_b.copy_(b)
 

@@ -119,6 +119,17 @@ def test_ema_decay_above_one_is_refused(vqvae_run, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--ema-decay", "0", "--ema-start", "2"], r"--ema-start 2: there is no EMA to start \(--ema-decay 0\)"),
+    (["--ema-start", "6"], r"--ema-start 6: must be below --steps 6"),
+])
+def test_an_ema_start_without_an_ema_or_after_the_last_step_is_refused(vqvae_run, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        sd.main(["train", "--ae", str(vqvae_run / "best.pt"), "--preset", "smoke", *flags,
+                 "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
 def test_tissue_maps_of_16_bit_levels_are_refused_and_resizes_are_noted(tmp_path, capsys):
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "wide.png")
     with pytest.raises(dataset.DataError, match=r"wide\.png: holds levels up to 65535 \(a I;16 image\)"):

@@ -143,3 +143,23 @@ def test_every_prior_keeps_the_decayed_average_of_its_trained_weights(playground
         torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-6)
     for (k, b), (_, eb) in zip(task.model.named_buffers(), task.ema.model.named_buffers()):
         assert torch.equal(b, eb), k
+
+
+@pytest.mark.parametrize("trainer", ["pixelcnn", "diffusion"])
+def test_before_its_start_step_the_ema_is_the_trained_weights_and_from_it_their_average(playground_module,
+                                                                                         trainer):
+    # --ema-start 2: after steps 0 and 1 the EMA equals the weights bit for bit; from step 2 on it decays from
+    # the weights step 1 left, not from the random start.
+    task, cfg, batch = playground_module("full_costs").build(trainer, "smoke")
+    task.config["ema_start"], d = 2, cfg["ema_decay"]
+    for step in range(4):
+        task.train_step(batch(cfg["batch_size"]), step)
+        weights = {k: v.detach().clone() for k, v in task.model.named_parameters()}
+        if step < 2:
+            expected = weights
+            assert all(torch.equal(v, weights[k]) for k, v in task.ema.model.named_parameters())
+        else:
+            expected = {k: d * expected[k] + (1 - d) * weights[k] for k in weights}
+    for k, v in task.ema.model.named_parameters():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, weights[k]) for k, v in task.ema.model.named_parameters())
