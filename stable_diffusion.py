@@ -140,7 +140,8 @@ class DiffusionTask(stage_two.PriorTask):
         x0, z = self.val_data[:n].to(self.device), self.val_z[:n].to(self.device)
         below, above = (v[:n] for v in self.val_neighbours) if cfg["neighbours"] != "none" else (None, None)
         losses = {}
-        for net, name in ((self.model, "val/loss_raw"), (self.sampled, "val/loss")):
+        nets = ((self.model, "val/loss_raw"),) if self.ema else ()
+        for net, name in nets + ((self.sampled, "val/loss"),):
             # Fixed noise, t and neighbours per validation: the numbers are comparable across steps.
             g = torch.Generator().manual_seed(cfg["seed"])
             tissue = None if self.val_tissue is None else self.val_tissue[:n]

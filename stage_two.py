@@ -56,6 +56,9 @@ class Prior:
 
     def check_config(self, config):
         """Refuse, before anything loads, hyperparameter values that cannot work together (UserError)."""
+        if config["ema_decay"] >= 1:
+            raise UserError(f"--ema-decay {config['ema_decay']}: must be below 1 (at 1 the average never moves from "
+                            f"the weights it starts with); 0 keeps no average")
         if config["ema_start"] and not config["ema_decay"]:
             raise UserError(f"--ema-start {config['ema_start']}: there is no EMA to start (--ema-decay 0); give "
                             f"--ema-decay > 0 or leave --ema-start at 0")
@@ -107,15 +110,16 @@ class Prior:
         raise NotImplementedError
 
 
-def prior_hypers(ema_decay, **loop):
+def prior_hypers(ema_decay, ema_before=tr.FULL, **loop):
     """The hyperparameters every prior has: condition dropout (which classifier-free guidance needs), the weights'
     EMA and the loop's, with the prior's `full` values (see trainer.loop_hypers)."""
     return [tr.Hyper("p_uncond", 0.1, "probability of dropping the z condition, which classifier-free guidance needs",
                      "loss", high=1),
             tr.Hyper("ema_decay", ema_decay, "EMA decay of the weights that validation and sampling use (0: the "
-                     "trained weights)", "optimisation", high=1),
-            tr.Hyper("ema_start", 0, "the first step the EMA averages; before it the EMA is the trained weights "
-                     "themselves (so a short run's average holds none of the random start)", "optimisation"),
+                     "trained weights)", "optimisation", high=1, before=ema_before),
+            tr.Hyper("ema_start", 0, "steps before the EMA averages: for the first N steps the EMA is the trained "
+                     "weights themselves, from step N + 1 (as the log counts) it decays (so a short run's average "
+                     "holds none of the random start)", "optimisation"),
             tr.Hyper("flip", False, "also train on every train slice mirrored left-right (encoded once into the "
                      "cache): twice the training codes or latents, for a prior that otherwise overfits a small set",
                      "data", before=False),

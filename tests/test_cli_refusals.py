@@ -11,6 +11,7 @@ from PIL import Image
 
 import dataset
 import demo
+import pixelCNN
 import prestage_train
 import stable_diffusion as sd
 import util
@@ -112,21 +113,21 @@ def test_resuming_a_finished_run_says_so(vqvae_run, capsys):
     assert "already finished its" in capsys.readouterr().out
 
 
-def test_ema_decay_above_one_is_refused(vqvae_run, tmp_path):
-    with pytest.raises(UserError, match="--ema-decay 2.0"):
-        sd.main(["train", "--ae", str(vqvae_run / "best.pt"), "--preset", "smoke", "--ema-decay", "2",
-                 "--out", str(tmp_path / "r")])
-    assert not (tmp_path / "r").exists()
+PRIOR_SCRIPTS = {"diffusion": sd, "pixelcnn": pixelCNN}
 
 
+@pytest.mark.parametrize("script", sorted(PRIOR_SCRIPTS))
 @pytest.mark.parametrize("flags, message", [
+    (["--ema-decay", "2"], r"--ema-decay 2\.0: must lie in 0\.\.1"),
+    (["--ema-decay", "1"], r"--ema-decay 1\.0: must be below 1 \(at 1 the average never moves"),
     (["--ema-decay", "0", "--ema-start", "2"], r"--ema-start 2: there is no EMA to start \(--ema-decay 0\)"),
     (["--ema-start", "6"], r"--ema-start 6: must be below --steps 6"),
 ])
-def test_an_ema_start_without_an_ema_or_after_the_last_step_is_refused(vqvae_run, tmp_path, flags, message):
+def test_an_ema_that_cannot_average_is_refused_by_both_priors(vqvae_run, tmp_path, script, flags, message):
+    # smoke presets: 6 steps, an EMA of 0.9 in both
     with pytest.raises(UserError, match=message):
-        sd.main(["train", "--ae", str(vqvae_run / "best.pt"), "--preset", "smoke", *flags,
-                 "--out", str(tmp_path / "r")])
+        PRIOR_SCRIPTS[script].main(["train", "--ae", str(vqvae_run / "best.pt"), "--preset", "smoke", *flags,
+                                    "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
 

@@ -18,6 +18,7 @@ import dataset
 import pixelCNN
 import prestage_train
 import stage_two
+import trainer as tr
 import util
 from model_pixelCNN import sample_codes
 from util import UserError
@@ -97,6 +98,20 @@ def test_code_features_train_on_the_stage_one_codebook_and_sample(tmp_path, vqva
     assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
 
 
+def test_the_ema_holds_the_code_vectors_before_the_first_step(vqvae_run):
+    # the EMA is a copy of the network taken before the codebook's vectors are set into it
+    ae, _ = stage_two.load_stage_one(pixelCNN.PRIOR, vqvae_run / "best.pt", CPU)
+    cfg = tr.preset_values(pixelCNN.HYPERS, pixelCNN.PRESETS, "smoke")
+    cfg.update(code_features=True, conditional=True, num_z=ae.num_z, ae="(none)", ae_sha256="")
+    codes = torch.randint(0, ae.quantizer.n_embed, (4, 4, 4))
+    cache = {"train": codes, "validate": codes[:2], "train_z": torch.zeros(4, dtype=torch.long),
+             "validate_z": torch.zeros(2, dtype=torch.long)}
+    pixelCNN.PRIOR.complete_config(cfg, cache, ae)
+    task = pixelCNN.PixelCNNTask(pixelCNN.PRIOR, cfg, CPU, ae, cache)
+    assert task.model.code_vectors.abs().sum() > 0
+    assert torch.equal(task.ema.model.code_vectors, task.model.code_vectors)
+
+
 def test_a_run_from_before_position_code_features_and_the_ema_samples_and_resumes(tmp_path, vqvae_run, capsys,
                                                                                    cli):
     # Runs saved before these hyperparameters existed lack them in config.json and in their checkpoints; they
@@ -138,9 +153,10 @@ def test_validation_scores_the_ema_that_samples_and_the_trained_weights(pcnn_run
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, vqvae_run, capsys, cli):
-    # --sample-every 2: sample grids at validations 2, 4, ... counted from the step, so also after a resume
+    # --sample-every 2: sample grids at validations 2, 4, ... counted from the step, so also after a resume;
+    # --ema-start 3: the pauses at steps 2 and 4 fall on either side of the EMA's start
     common = ["train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", *cli.CADENCE, "--steps", 8,
-              "--sample-every", 2]
+              "--sample-every", 2, "--ema-start", 3]
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
     _pc(*common, "--out", straight)
     capsys.readouterr()

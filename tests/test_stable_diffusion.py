@@ -64,6 +64,15 @@ def ldm_vq(tmp_path_factory, vqvae_run, cli):
 # Training
 
 
+def test_without_an_average_validation_scores_the_trained_weights_once(vqvae_run, tmp_path, cli):
+    out = tmp_path / "no_ema"
+    _sd("train", "--ae", vqvae_run / "best.pt", "--preset", "smoke", "--ema-decay", 0, "--out", out, *cli.CADENCE)
+    val = [r for r in util.read_jsonl(out / "log.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in val] == [3, 6] and not any("val/loss_raw" in r for r in val)
+    best = util.load_checkpoint(out / "best.pt", kind="diffusion")
+    assert "ema" not in best and best["best"] == pytest.approx(min(r["val/loss"] for r in val))
+
+
 def test_a_prior_refuses_a_stage_one_of_the_other_kind(ldm_vq, vae_run, tmp_path):
     # the smoke VAE's latents have the VQ-VAE's shape, so only the recorded kind tells them apart
     with pytest.raises(UserError, match=r"--ae .*: a VAE, but this latent diffusion model was trained on the latents "

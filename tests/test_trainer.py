@@ -186,3 +186,21 @@ def test_cpu_times_counts_this_process(monkeypatch):
     after = util.cpu_times()
     assert after[1] - before[1] >= 0.2 and after[0] - before[0] >= 0.2  # ours is counted in the machine's busy time
     assert util.foreign_cores(before, before) is None
+
+
+def test_the_ema_averages_the_parameters_and_copies_the_buffers():
+    model = torch.nn.BatchNorm1d(3)  # weight, bias and running statistics (buffers)
+    ema = tr.EMA(model, decay=0.75)
+    old = {k: v.clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.arange(1.0, 4.0))
+        model.running_mean.fill_(5.0)
+        model.num_batches_tracked.fill_(7)
+    ema.update(model)
+    for k, v in ema.model.named_parameters():  # 0.75 * old + 0.25 * new, the new being old + (1, 2, 3)
+        torch.testing.assert_close(v, old[k] + 0.25 * torch.arange(1.0, 4.0))
+    assert torch.equal(ema.model.running_mean, torch.full((3,), 5.0)) and int(ema.model.num_batches_tracked) == 7
+    ema.update(model, decay=0.0)  # decay 0: a copy of the weights
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), model.parameters()))
+    assert ema.decay == 0.75 and not any(p.requires_grad for p in ema.model.parameters())
