@@ -2,7 +2,8 @@
 conditioned on the slice z-index.
 
 - `Encoder` / `Decoder`: conv_in, per resolution level `num_res_blocks` ResBlocks (the decoder one more
-  unless `decoder_extra_block=False`, which matches MONAI's AutoencoderKL) (plus self-attention
+  unless `decoder_extra_block=False`, which matches MONAI's AutoencoderKL, and `decoder_top_blocks` more at
+  full resolution) (plus self-attention
   at `attn_resolutions`), stride-2 Downsample / nearest Upsample between levels, a mid block
   ResBlock-Attention-ResBlock and GroupNorm-SiLU-conv_out. Every ResBlock receives the z-index vector.
 - `DiagonalGaussian`: the VAE posterior (clamped log-variance, reparameterised sampling, closed-form KL).
@@ -91,8 +92,10 @@ class Decoder(nn.Module):
     """Latent [B, in_channels, h, w] -> image [B, out_channels, h*f, w*f]; mirrors `Encoder`."""
 
     def __init__(self, resolution, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, out_channels,
-                 dropout=0.0, cond_dim=0, extra_block=True):
+                 dropout=0.0, cond_dim=0, extra_block=True, top_blocks=0):
         super().__init__()
+        if int(top_blocks) < 0:
+            raise ValueError(f"decoder_top_blocks must be >= 0, got {top_blocks}")
         width = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
@@ -102,7 +105,8 @@ class Decoder(nn.Module):
         for level in reversed(range(len(ch_mult))):
             blocks = nn.ModuleList()
             # by default one block more than the encoder, as in LDM: the decoder does the harder job
-            for _ in range(num_res_blocks + int(extra_block)):
+            # top_blocks more at full resolution, where the finest texture is drawn
+            for _ in range(num_res_blocks + int(extra_block) + (int(top_blocks) if level == 0 else 0)):
                 blocks.append(ResBlock(width, ch * ch_mult[level], cond_dim, dropout))
                 width = ch * ch_mult[level]
                 if res in attn_resolutions:
@@ -229,13 +233,14 @@ class VAE(_Autoencoder):
 
     def __init__(self, resolution, in_channels=1, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(),
                  z_channels=4, dropout=0.0, conditional=False, num_z=32, logvar_min=-30.0, logvar_max=20.0,
-                 decoder_extra_block=True):
+                 decoder_extra_block=True, decoder_top_blocks=0):
         super().__init__()
         self._config = dict(resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=list(ch_mult),
                             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
                             z_channels=z_channels, dropout=dropout, conditional=bool(conditional), num_z=num_z,
                             logvar_min=logvar_min, logvar_max=logvar_max,
-                            decoder_extra_block=bool(decoder_extra_block))
+                            decoder_extra_block=bool(decoder_extra_block),
+                            decoder_top_blocks=int(decoder_top_blocks))
         if logvar_min >= logvar_max:
             raise ValueError(f"logvar_min {logvar_min} must be < logvar_max {logvar_max}")
         self._init_common(resolution, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
@@ -244,7 +249,7 @@ class VAE(_Autoencoder):
         self.logvar_min, self.logvar_max = float(logvar_min), float(logvar_max)
         self.encoder = Encoder(**self.arch, out_channels=2 * z_channels)
         self.decoder = Decoder(**{**self.arch, "in_channels": z_channels}, out_channels=in_channels,
-                               extra_block=decoder_extra_block)
+                               extra_block=decoder_extra_block, top_blocks=decoder_top_blocks)
 
     def encode(self, x, z=None):
         """Posterior `DiagonalGaussian` over the latent for images `x` with z-indices `z`."""
@@ -439,14 +444,15 @@ class VQVAE(_Autoencoder):
     def __init__(self, resolution, in_channels=1, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(),
                  z_channels=4, dropout=0.0, conditional=False, num_z=32, n_embed=512, embed_dim=4, beta=0.25,
                  ema=False, ema_decay=0.99, restart_dead=True, dead_threshold=0.1, decoder_extra_block=True,
-                 grad="ste"):
+                 grad="ste", decoder_top_blocks=0):
         super().__init__()
         self._config = dict(resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=list(ch_mult),
                             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
                             z_channels=z_channels, dropout=dropout, conditional=bool(conditional), num_z=num_z,
                             n_embed=n_embed, embed_dim=embed_dim, beta=beta, ema=bool(ema), ema_decay=ema_decay,
                             restart_dead=bool(restart_dead), dead_threshold=dead_threshold,
-                            decoder_extra_block=bool(decoder_extra_block), grad=grad)
+                            decoder_extra_block=bool(decoder_extra_block), grad=grad,
+                            decoder_top_blocks=int(decoder_top_blocks))
         self._init_common(resolution, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
                           dropout, conditional, num_z)
         self.latent_channels = int(embed_dim)
@@ -458,7 +464,7 @@ class VQVAE(_Autoencoder):
                                          grad=grad)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = Decoder(**{**self.arch, "in_channels": z_channels}, out_channels=in_channels,
-                               extra_block=decoder_extra_block)
+                               extra_block=decoder_extra_block, top_blocks=decoder_top_blocks)
 
     def encode_pre_quant(self, x, z=None):
         """Continuous encoder output projected to the code dimension, [B, embed_dim, h, w]."""

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch.distributions import Normal, kl_divergence
 
 from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder, rotate_onto
+from module import ResBlock
 
 
 def tiny(cls, resolution=32, ch_mult=(1, 2), **extra):
@@ -139,11 +140,13 @@ def test_every_resblock_receives_condition():
     assert model.z_embed.null is not None  # one shared embedding with a null token for index -1
 
 
+def blocks_per_level(model):
+    """ResBlocks in each decoder level, lowest resolution first."""
+    return [sum(m.__class__.__name__ == "ResBlock" for m in level) for level in model.decoder.levels]
+
+
 @pytest.mark.parametrize("cls", [VAE, VQVAE])
 def test_decoder_extra_block_is_optional(cls):
-    def blocks_per_level(model):
-        return [sum(m.__class__.__name__ == "ResBlock" for m in level) for level in model.decoder.levels]
-
     ldm, matched = tiny(cls, num_res_blocks=2), tiny(cls, num_res_blocks=2, decoder_extra_block=False)
     assert blocks_per_level(ldm) == [3, 3] and blocks_per_level(matched) == [2, 2]
     assert sum(p.numel() for p in matched.encoder.parameters()) == sum(p.numel() for p in ldm.encoder.parameters())
@@ -151,6 +154,24 @@ def test_decoder_extra_block_is_optional(cls):
     assert rebuilt.config["decoder_extra_block"] is False and blocks_per_level(rebuilt) == [2, 2]
     x = torch.randn(2, 1, 32, 32)
     assert matched(x)["recon"].shape == x.shape
+
+
+@pytest.mark.parametrize("cls", [VAE, VQVAE])
+def test_decoder_top_blocks_are_added_at_full_resolution_only(cls):
+    base, top = tiny(cls), tiny(cls, decoder_top_blocks=2)
+    assert blocks_per_level(base) == [2, 2] and blocks_per_level(top) == [2, 4]
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+    # two ResBlocks of the full-resolution width (ch * ch_mult[0] = 8), unconditional as tiny() is
+    assert count(top) - count(base) == 2 * count(ResBlock(8, 8, 0))
+    assert count(top.encoder) == count(base.encoder)
+    rebuilt = build_autoencoder(cls.kind, top.config)
+    assert rebuilt.config["decoder_top_blocks"] == 2 and blocks_per_level(rebuilt) == [2, 4]
+    x = torch.randn(2, 1, 32, 32)
+    assert top(x)["recon"].shape == x.shape
+    with pytest.raises(ValueError, match="decoder_top_blocks must be >= 0, got -1"):
+        tiny(cls, decoder_top_blocks=-1)
 
 
 @pytest.mark.parametrize("ch,channels_last", [(64, True), (8, False)])

@@ -189,6 +189,20 @@ def test_dry_run_prints_resolved_config(capsys, tiny_data):
     assert "preset: smoke" in out and "n_embed" in out and " 64" in out
 
 
+def test_decoder_top_blocks_flag_reaches_the_checkpoint_and_is_refused_below_zero(tmp_path, tiny_data):
+    out = tmp_path / "top"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 1, "--val-every", 1,
+         "--decoder-top-blocks", 1)
+    ckpt = util.load_checkpoint(out / "last.pt", kind="stage1")
+    assert ckpt["config"]["decoder_top_blocks"] == 1 == ckpt["model_config"]["decoder_top_blocks"]
+    model, _ = prestage_train.load_autoencoder(out / "last.pt", torch.device("cpu"))
+    assert [sum(m.__class__.__name__ == "ResBlock" for m in lv) for lv in model.decoder.levels] == [2, 3]
+    with pytest.raises(UserError, match="--decoder-top-blocks -1: must be >= 0"):
+        _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "neg",
+             "--decoder-top-blocks", -1)
+    assert not (tmp_path / "neg").exists()
+
+
 def test_decoder_extra_block_flag_reaches_the_checkpoint(tmp_path, tiny_data):
     out = tmp_path / "matched"
     _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 1, "--val-every", 1,
