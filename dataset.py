@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from util import ArgumentParser, UserError, run_cli, to_float
+from util import ArgumentParser, UserError, run_cli, seed_arg, to_float
 
 SPLITS = ("train", "validate", "test")
 SIZES = (32, 64, 128, 256)
@@ -1145,6 +1145,8 @@ def cmd_inspect(args):
 
 def cmd_build_demo(args):
     """Build the embedded pseudo-cohort and print its stats."""
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1 (or left out: up to 4 for big builds)")
     stats = build_demo(args.out, args.size, args.subjects, args.seed, args.workers)
     per = stats["subjects_per_split"]
     print(f"wrote {stats['subjects']} subjects x 32 slices at {args.size}x{args.size} to {args.out} "
@@ -1160,13 +1162,13 @@ def main(argv=None):
     p.add_argument("path")
     p.add_argument("--size", type=int, default=64, choices=SIZES)
     p.add_argument("--num-slices", type=int, default=32, help="axial slices per NIfTI volume")
-    p.add_argument("--seed", type=int, default=0, help="subject split seed (NIfTI and plain folders)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="subject split seed (NIfTI and plain folders)")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("build-demo", help="build the pseudo-cohort from the MNI template in the OASIS layout")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=256, choices=SIZES)
     p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4 for big builds)")
     p.set_defaults(func=cmd_build_demo)
     args = parser.parse_args(argv)

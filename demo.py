@@ -14,13 +14,14 @@ exists is skipped (delete runs/demo, or `make clean-demo`, to redo everything), 
 demo continues where it stopped and no finished run is ever overwritten. Wall time per step is
 written to <out>/timings.json.
 """
-import argparse
 import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import util
 
 ROOT = Path(__file__).resolve().parent
 
@@ -48,14 +49,14 @@ STAGE_ONE_AT = {64: [], 128: ["--size", 128, "--ch-mult", "1,2,4,4"]}
 
 def parse_args(argv=None):
     """The demo's flags; --out and --data default by --size."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = util.ArgumentParser(description=__doc__)
     p.add_argument("--model", choices=["vqvae", "vae"], default="vqvae", help="stage-one autoencoder")
     p.add_argument("--size", type=int, choices=sorted(STAGE_ONE_AT), default=64,
                    help="slice size: 64 (make demo, ~20 min) or 128 (stage one 8x down to 16x16 latents; 60 min of steps on 2 cores)")
     p.add_argument("--out", default=None, help="folder for every run, sample and figure [runs/demo; "
                    "runs/demo128 at --size 128]")
     p.add_argument("--data", default=None, help="dataset folder, built here if missing [data/embedded_<size>]")
-    p.add_argument("--seed", type=int, default=0, help="seed of every step")
+    p.add_argument("--seed", type=util.seed_arg, default=0, help="seed of every step")
     args = p.parse_args(argv)
     args.out = Path(args.out or ("runs/demo" if args.size == 64 else f"runs/demo{args.size}"))
     args.data = Path(args.data or f"data/embedded_{args.size}")
@@ -111,6 +112,23 @@ def plan(args):
     return steps, stage1
 
 
+def read_timings(path):
+    """The step timings an earlier demo wrote to `path` ({} if none); None, after one error line, where the file
+    is not such a record (it is left as it is)."""
+    if not path.exists():
+        return {}
+    try:
+        timings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        timings = err
+    if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) for v in timings.values())):
+        why = f"cannot be read ({str(timings).splitlines()[0][:80]})" if isinstance(timings, Exception) else \
+            "is not a JSON object of step seconds"
+        print(f"error: {path}: {why}; move it away (the demo writes its step timings there)", file=sys.stderr)
+        return None
+    return timings
+
+
 def main(argv=None):
     """Run the pipeline end to end."""
     args = parse_args(argv)
@@ -121,7 +139,9 @@ def main(argv=None):
             return 2
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_timings(timings_path)
+    if timings is None:
+        return 2
     steps, stage1 = plan(args)
     for name, cmd, done_when in steps:
         step(name, cmd, done_when, timings)

@@ -982,7 +982,7 @@ def parse_args(argv):
     p.add_argument("--data", default=None, help="dataset root (default: the embedded set, built once)")
     p.add_argument("--size", type=int, choices=list(dataset.SIZES), default=64, help="image size")
     p.add_argument("--n", type=int, default=256, help="real test slices scored as if they were samples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsets, pairs, patches and projections")
+    p.add_argument("--seed", type=util.seed_arg, default=0, help="seed of the subsets, pairs, patches and projections")
     p.add_argument("--segmenter", type=int, default=0, metavar="STEPS",
                    help="also train the tissue segmenter for STEPS steps on all real train pairs and on 2 real "
                         "subjects, and report its Dice on the test split (the real reference of train-on-"

@@ -284,7 +284,7 @@ def build_perceptual_loss(kind="auto"):
         try:
             return _lpips_like()
         except PerceptualUnavailable as err:
-            raise UserError(f"perceptual loss 'lpips' unavailable: {err} (use 'msssim' or 'auto')") from None
+            raise UserError(f"--perceptual lpips: unavailable ({err}); use --perceptual msssim or auto") from None
     if kind == "auto":
         try:
             return _lpips_like()

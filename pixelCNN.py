@@ -116,6 +116,9 @@ class PixelCNNPrior(stage_two.Prior):
 
     def check_config(self, config):
         super().check_config(config)
+        if config["kernel_size"] % 2 == 0:
+            raise UserError(f"--kernel-size {config['kernel_size']}: must be odd (a masked kernel is centred on the "
+                            f"code it predicts)")
         dilation = config["dilation"]
         if not dilation:
             raise UserError("--dilation '': give one or more dilations >= 1 (1: none)")
@@ -134,6 +137,13 @@ class PixelCNNPrior(stage_two.Prior):
         config.update(grid=list(cache["train"].shape[1:]), n_codes=ae.n_embed)
         if config["code_features"]:
             config["code_dim"] = ae.quantizer.embed_dim
+
+    def stage_one_mismatch(self, config, ae):
+        grid = list(ae.latent_shape[1:])
+        if ae.n_embed != config["n_codes"] or grid != list(config["grid"]):
+            return (f"has {ae.n_embed} codes on a {grid[0]}x{grid[1]} grid, but this PixelCNN draws codes of "
+                    f"{config['n_codes']} on a {config['grid'][0]}x{config['grid'][1]} grid")
+        return None
 
     def build(self, config):
         kwargs = tr.model_kwargs(HYPERS, config)

@@ -351,6 +351,11 @@ def check_run_keys(config, args):
                         f"halves it, and the PatchGAN needs a 3x3 map after them)")
 
 
+# the smallest image each perceptual loss takes: SSIM's 11x11 window (auto falls back to MS-SSIM); VGG16's four
+# poolings before its last LPIPS layer
+PERCEPTUAL_MIN_SIZE = {"ssim": 11, "msssim": 11, "auto": 16, "lpips": 16}
+
+
 def check_crops(config, args):
     """--crop-size and --crop-steps: both or neither, and a crop the autoencoder and the PatchGAN can take."""
     crop, steps, size = config["crop_size"], config["crop_steps"], config["size"]
@@ -361,10 +366,19 @@ def check_crops(config, args):
         raise UserError(f"{given}{source}: does nothing without {other}")
     if not crop:
         return
+    if steps >= config["steps"]:
+        raise UserError(f"--crop-steps {steps}{source}: at or past --steps {config['steps']}, so the run would never "
+                        f"train on whole slices; give fewer crop steps")
     factor = 2 ** (len(config["ch_mult"]) - 1)  # each level after the first halves the slice
     if crop >= size or crop % factor:
         raise UserError(f"--crop-size {crop}{source}: must be smaller than the {size}x{size} slice and a multiple of "
                         f"{factor} (the encoder halves it {len(config['ch_mult']) - 1} times)")
+    window = PERCEPTUAL_MIN_SIZE.get(config["perceptual"], 0)
+    if crop < window:
+        least = -(-window // factor) * factor
+        raise UserError(f"--crop-size {crop}{source}: smaller than the {window}x{window} the perceptual loss "
+                        f"--perceptual {config['perceptual']} needs; give --crop-size {least} or more, or "
+                        f"--perceptual none")
     layers = config["disc_layers"]
     if gan_is_used(config) and config["disc_start"] < steps and PatchDiscriminator.logits_size(crop, layers) < 1:
         raise UserError(f"--crop-size {crop}{source}: too small for the PatchGAN's {layers} stride-2 layers, which "
@@ -410,10 +424,10 @@ def main(argv=None):
     splits = dataset.load_splits(data_path, size=config["size"], splits=("train", "validate"))
     train, val = splits["train"], splits["validate"]
     config["conditional"], config["num_z"] = train.conditional, max(train.num_z, 1)
+    task = tr.build_task(lambda: StageOneTask(config, device, val.tensors()), args)  # a dry run checks it too
     if args.dry_run:
         tr.print_config(config)
         return 0
-    task = tr.build_task(lambda: StageOneTask(config, device, val.tensors()), args)
     config["perceptual_used"] = task.perceptual_used  # recorded in config.json
     if rank == 0:
         print_data_notes(data_path, train, val, config["perceptual_used"])

@@ -186,6 +186,9 @@ class DiffusionPrior(stage_two.Prior):
 
     def check_config(self, config):
         super().check_config(config)
+        if config["sample_steps"] > config["timesteps"]:
+            raise UserError(f"--sample-steps {config['sample_steps']}: the validation grid's DDIM steps must not "
+                            f"exceed the model's --timesteps {config['timesteps']}")
         if config["tissue"] and not 0 < config["p_tissue_drop"] < 1:
             raise UserError(f"--p-tissue-drop {config['p_tissue_drop']}: must lie strictly between 0 and 1 with "
                             f"--tissue (0 never teaches drawing without a map, 1 never shows one)")
@@ -204,6 +207,12 @@ class DiffusionPrior(stage_two.Prior):
         # 1/sqrt(abar_T) (~156 for the linear schedule), and an unclipped first step can throw the whole
         # trajectory off the data.
         config.setdefault("x0_clip", (cache["train"].float() * config["scale_factor"]).abs().max().item())
+
+    def stage_one_mismatch(self, config, ae):
+        if list(ae.latent_shape) != list(config["latent_shape"]):
+            return (f"its latents are {'x'.join(map(str, ae.latent_shape))}, but this model draws latents of "
+                    f"{'x'.join(map(str, config['latent_shape']))}")
+        return None
 
     def build(self, config):
         shape = config["latent_shape"]

@@ -73,6 +73,10 @@ class Prior:
         """The untrained network of a config."""
         raise NotImplementedError
 
+    def stage_one_mismatch(self, config, ae):
+        """Why the stage one `ae` cannot decode what this trained prior draws (None where it can)."""
+        return None
+
     def add_sample_args(self, parser):
         """The prior's own sample/evaluate flags."""
 
@@ -347,16 +351,19 @@ def train(prior, args):
     if rank == 0:
         print(f"preset: {config['preset']}; stage one: {ae_ckpt['model_type']} from {config['ae']}")
     out = Path(config["out"])
+    if Path(config["ae"]).resolve().parent == out.resolve():
+        raise UserError(f"--out {out}: is the folder of the stage one that --ae names ({config['ae']}), whose "
+                        f"checkpoints the {prior.name}'s would replace; give the prior its own folder")
     tr.claim_run_dir(args, out, rank)  # before encoding, which would replace an existing run's cache
-    cache = build_cache(ae, ae_ckpt, config, device, prior.cache_what, out / prior.cache_file, write=rank == 0,
-                        tissue=bool(config.get("tissue")))
+    cache = build_cache(ae, ae_ckpt, config, device, prior.cache_what, out / prior.cache_file,
+                        write=rank == 0 and not args.dry_run, tissue=bool(config.get("tissue")))
     config.update(ae_sha256=cache["ae_sha256"], data=cache["data"], num_z=cache["num_z"], spacing=cache["spacing"],
                   conditional=bool((cache["train_z"] >= 0).any()))
     prior.complete_config(config, cache, ae)
+    task = tr.build_task(lambda: prior.task(prior, config, device, ae, cache), args)  # a dry run checks it too
     if args.dry_run:
         tr.print_config(config)
         return 0
-    task = tr.build_task(lambda: prior.task(prior, config, device, ae, cache), args)
     if rank == 0:
         print(f"{prior.summary(config)}; {prior.name} {sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M "
               f"parameters")
@@ -397,6 +404,9 @@ def load_prior(prior, path, device, ae_override=None):
                             f"sha256 differs from the recorded one; a relative recorded path resolves from the "
                             f"current folder): pass --ae with the stage-one checkpoint it was trained on")
         print(f"warning: {ae_ckpt['_path']} is not the stage-one checkpoint this prior was trained on (hash differs)")
+    mismatch = prior.stage_one_mismatch(ckpt["config"], ae)
+    if mismatch:
+        raise UserError(f"{flag} {ae_ckpt['_path']}: {mismatch}; give the stage one this {prior.name} was trained on")
     return model.to(device).eval(), ae, ckpt
 
 
@@ -570,8 +580,11 @@ def sample_cmd(prior, args):
     args.n = 1 if args.n is None else args.n
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
-    zs = (parse_z_spec(args.z or f"0..{config['num_z'] - 1}", config["num_z"], model=f"--ckpt {ckpt['_path']}")
-          if config["conditional"] else [-1])
+    if args.z is not None and not config["conditional"]:
+        raise UserError(f"--z {args.z}: this {prior.name} is unconditional (its data have no z-index), so there is "
+                        f"no z-index to choose; leave --z out")
+    zs = (parse_z_spec(f"0..{config['num_z'] - 1}" if args.z is None else args.z, config["num_z"],
+                       model=f"--ckpt {ckpt['_path']}") if config["conditional"] else [-1])
     z = sample_grid_z(zs, args.n)
     out = check_image_path(args.out or prior.sample_out, "--out")
     if getattr(args, "gif", None):
@@ -714,6 +727,9 @@ def evaluate_cmd(prior, args):
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
     if not config["conditional"]:
+        if args.n < 2:
+            raise UserError(f"--n {args.n}: this {prior.name} is unconditional, so --n is the number of samples, "
+                            f"and their metrics need at least 2")
         if args.order or args.independent:
             flag = f"--order {args.order}" if args.order else "--independent"
             raise UserError(f"{flag}: this {prior.name} is unconditional (no z-index), so it draws no stacks")
@@ -767,7 +783,7 @@ def parse_args(prior, argv):
         s.add_argument("--guidance", type=float, default=1.0,
                        help="classifier-free guidance scale (1: conditional only; above 1 follows z more closely, "
                             "at twice the cost)")
-        s.add_argument("--seed", type=int, default=0, help="sampling seed")
+        s.add_argument("--seed", type=util.seed_arg, default=0, help="sampling seed")
         s.add_argument("--batch-size", type=int, default=64, help="samples (subjects, slice by slice) drawn at once")
         s.add_argument("--device", default="auto", help="auto | cpu | cuda")
         s.add_argument("--independent", action="store_true",

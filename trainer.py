@@ -97,7 +97,7 @@ def loop_hypers(steps, batch_size, lr, warmup, lr_schedule, log_every, val_every
         Hyper("lr_schedule", lr_schedule, "after warm-up: constant, or cosine decay to 10%% of --lr at the last "
               "step", "optimisation", choices=("constant", "cosine")),
         Hyper("steps", steps, "total optimiser steps", "loop", low=1),
-        Hyper("seed", seed, "seed of the whole run (data order, init, noise)", "loop"),
+        Hyper("seed", seed, "seed of the whole run (data order, init, noise)", "loop", high=util.SEED_MAX),
         Hyper("log_every", log_every, "steps between log lines", "loop", low=1),
         Hyper("val_every", val_every, "steps between validations", "loop", low=1),
         Hyper("ckpt_every", ckpt_every, "steps between last.pt saves", "loop", low=1),
@@ -173,9 +173,12 @@ def add_common_args(parser, hypers, presets):
 
 
 def int_list(text):
-    """argparse type for '1,2,4' -> [1, 2, 4] ('' -> [], e.g. no attention)."""
+    """argparse type for '1,2,4' -> [1, 2, 4] ('' -> [], e.g. no attention; an empty item, as in '1,,2', is a
+    typo and refused)."""
+    if not text.strip():
+        return []
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
@@ -844,13 +847,14 @@ def build_task(make, args):
 def start_run(task, config, data, resume, overwrite, rank, world, device):
     """Prepare the run directory (never clobbering a run), write config.json, build the Trainer, resume."""
     run_dir = Path(config["out"])
+    # built first: what it refuses (a batch larger than the data) must not cost an --overwrite'd run its files
+    trainer = Trainer(task, config, data, device, rank, world)
     if rank == 0:
         util.prepare_run_dir(run_dir, resume=bool(resume), overwrite=overwrite, flag="--resume" if resume else "--out")
         if not resume:
             util.save_json(config, run_dir / "config.json")
     if world > 1:
         dist.barrier()
-    trainer = Trainer(task, config, data, device, rank, world)
     if resume:
         trainer.resume()
     return trainer

@@ -43,6 +43,20 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+SEED_MAX = 2**32 - 1  # numpy's and every seeded stream's range (the trainer multiplies seeds into int64)
+
+
+def seed_arg(text):
+    """argparse type of a --seed: a whole number in 0..SEED_MAX."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a whole number in 0..{SEED_MAX}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: must lie in 0..{SEED_MAX}")
+    return value
+
+
 def run_cli(main, argv=None):
     """Run `main(argv)`, turning a UserError into one line on stderr and exit code 1 (no traceback)."""
     try:
@@ -352,14 +366,20 @@ def check_json_path(path, flag):
             json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError):
             raise UserError(f"{flag} {path}: exists and is not a JSON file; it is left as it is") from None
+        if path.name == "config.json" and any((path.parent / n).exists() for n in RUN_FILES):
+            raise UserError(f"{flag} {path}: is the config of the run in {path.parent}, which --resume and every "
+                            f"later command read; give another name, e.g. {path.parent / 'metrics.json'}")
     check_writable(path.parent, flag)
     return path
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # what makes a folder a run
 
 
 def prepare_run_dir(out, resume=False, overwrite=False, flag="--out"):
     """Create (or reuse, for resume) the run directory; never clobbers an existing run silently."""
     out = Path(out)
-    existing = out.is_dir() and any(p.name in ("last.pt", "best.pt", "log.jsonl") for p in out.iterdir())
+    existing = out.is_dir() and any(p.name in RUN_FILES for p in out.iterdir())
     if existing and not resume and not overwrite:
         raise UserError(f"{flag} {out}: a run already exists there; pass --resume {out} to continue it "
                         f"or --overwrite to start over")

@@ -29,6 +29,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from PIL import Image
 
+import dataset
 import logger
 import pixelCNN
 import prestage_train
@@ -530,7 +531,7 @@ def test_bad_flags_are_one_line_not_a_usage_block(runs, tmp_path):
     (pixelCNN, ["sample", "--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
     (stable_diffusion, ["sample", "--eta", "nan"], "--eta nan: must be a finite number >= 0"),
     (stable_diffusion, ["train", "--model-channels", "0"], "--model-channels 0: must be >= 1"),
-    (pixelCNN, ["train", "--kernel-size", "4"], "these settings do not make a model (kernel_size must be odd"),
+    (pixelCNN, ["train", "--kernel-size", "4"], "--kernel-size 4: must be odd"),
 ])
 def test_sampling_and_model_flags_that_cannot_work(runs, tmp_path, script, argv, message):
     ckpt = runs["pcnn" if script is pixelCNN else "ldm"] / "best.pt"
@@ -554,3 +555,94 @@ def test_nonfinite_and_extreme_voxels_are_background_not_nan_pixels(nifti_folder
         slices, notes, _, _ = dataset._volume_slices(tmp_path / "v.nii.gz", 8, 32)
     assert "3 NaN or infinite voxels read as background (0)" in notes
     assert slices.dtype == np.uint8 and slices.shape == (8, 32, 32) and slices.max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by a new user's sweep of bad inputs (2026-12-07): tracebacks, and runs a refused command changed
+
+
+def _one_error(code, err, message):
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.fixture(scope="module")
+def small_codebook_vq(tmp_path_factory, tiny_data):
+    """A smoke VQ-VAE of 16 codes of dimension 2: it cannot decode what the smoke priors draw."""
+    out = tmp_path_factory.mktemp("vq16") / "vq16"
+    code, _, err = run(prestage_train.main, ["--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out",
+                                             out, "--n-embed", 16, "--embed-dim", 2, "--steps", 2, "--val-every", 2])
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("script, message", [
+    (pixelCNN, "has 16 codes on a 16x16 grid, but this PixelCNN draws codes of 32 on a 16x16 grid"),
+    (stable_diffusion, "its latents are 2x16x16, but this model draws latents of 4x16x16"),
+])
+def test_a_stage_one_that_cannot_decode_the_prior_is_refused(runs, small_codebook_vq, tmp_path, script, message):
+    name = "pcnn" if script is pixelCNN else "ldm"
+    code, _, err = run(script.main, ["sample", "--ckpt", runs[name] / "best.pt", "--ae", small_codebook_vq / "best.pt",
+                                     "--z", 3, "--no-tissue-maps", "--out", tmp_path / "s.png"])
+    _one_error(code, err, message)
+    assert "give the stage one this" in err and not (tmp_path / "s.png").exists()
+
+
+def test_a_refused_command_leaves_the_run_it_names_as_it_was(vqvae_run, tiny_data, tmp_path):
+    copy = tmp_path / "vq"
+    shutil.copytree(vqvae_run, copy)
+    before = snapshot(copy)
+    # --overwrite: the old run's files go only once every setting has been checked
+    code, _, err = run(prestage_train.main, ["--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out",
+                                             copy, "--overwrite", "--batch-size", 100000])
+    _one_error(code, err, "--batch-size 100000: larger than the training split")
+    # a prior's run in its stage one's folder would replace the stage one's checkpoints
+    code, _, err = run(pixelCNN.main, ["train", "--ae", copy / "best.pt", "--preset", "smoke", "--out", copy,
+                                       "--overwrite"])
+    _one_error(code, err, "is the folder of the stage one that --ae names")
+    # metrics over the run's config.json, which --resume reads
+    code, _, err = run(prestage_train.main, ["--eval-only", "--ckpt", copy / "best.pt", "--out-json",
+                                             copy / "config.json"])
+    _one_error(code, err, "config.json: is the config of the run in")
+    assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (prestage_train, ["--model", "vae", "--crop-size", 8, "--crop-steps", 6, "--disc-weight", 0],
+     "--crop-size 8: smaller than the 11x11 the perceptual loss --perceptual msssim needs; give --crop-size 12"),
+    (stable_diffusion, ["train", "--timesteps", 4],
+     "--sample-steps 5: the validation grid's DDIM steps must not exceed the model's --timesteps 4"),
+    (prestage_train, ["--model", "vqvae", "--seed", 10**15], "--seed 1000000000000000: must lie in 0..4294967295"),
+    (pixelCNN, ["train", "--seed", 10**15], "--seed 1000000000000000: must lie in 0..4294967295"),
+])
+def test_settings_that_failed_only_once_the_run_had_started(runs, tmp_path, script, argv, message):
+    where = ["--data", runs["data"]] if script is prestage_train else ["--ae", runs["vq"] / "best.pt"]
+    code, _, err = run(script.main, [*argv, "--preset", "smoke", *where, "--out", tmp_path / "run"])
+    _one_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_seeds_workers_and_lists_out_of_range_are_one_line(runs, tmp_path):
+    code, _, err = run(pixelCNN.main, ["sample", "--ckpt", runs["pcnn"] / "best.pt", "--seed", 2**40])
+    _one_error(code, err, "argument --seed: invalid seed 1099511627776: must lie in 0..4294967295")
+    code, _, err = run(dataset.main, ["build-demo", "--out", tmp_path / "ds", "--size", 64, "--seed", -1])
+    _one_error(code, err, "argument --seed: invalid seed -1: must lie in 0..4294967295")
+    code, _, err = run(dataset.main, ["build-demo", "--out", tmp_path / "ds", "--size", 64, "--workers", 0])
+    _one_error(code, err, "--workers 0: must be at least 1")
+    code, _, err = run(pixelCNN.main, ["train", "--ae", runs["vq"] / "best.pt", "--preset", "smoke", "--dilation",
+                                       "1,,2", "--out", tmp_path / "run"])
+    _one_error(code, err, "expected comma-separated integers, got '1,,2'")
+    code, _, err = run(pixelCNN.main, ["sample", "--ckpt", runs["pcnn"] / "best.pt", "--z", "", "--out",
+                                       tmp_path / "s.png"])
+    _one_error(code, err, "--z '': expected a range like 0..31")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_demo_refuses_its_bad_flags_and_an_unreadable_timings_file_in_one_line(tmp_path):
+    import demo
+    code, _, err = run(demo.main, ["--size", 32])
+    _one_error(code, err, "argument --size: invalid choice: 32")
+    for content in ("garbage{", '["a list"]'):
+        (tmp_path / "timings.json").write_text(content)
+        code, _, err = run(demo.main, ["--out", tmp_path, "--data", tmp_path / "data"])
+        _one_error(code, err, "timings.json: ")
+        assert (tmp_path / "timings.json").read_text() == content and not (tmp_path / "data").exists()

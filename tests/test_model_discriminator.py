@@ -220,7 +220,7 @@ def test_auto_in_this_environment_reports_what_it_used():
 
 def test_explicit_lpips_without_torchvision_is_a_clear_error(monkeypatch):
     block_torchvision(monkeypatch)
-    with pytest.raises(UserError, match="perceptual loss 'lpips' unavailable: torchvision import failed"):
+    with pytest.raises(UserError, match=r"--perceptual lpips: unavailable \(torchvision import failed"):
         build_perceptual_loss("lpips")
 
 

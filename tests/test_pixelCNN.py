@@ -195,10 +195,15 @@ def test_unconditional_data_trains_and_samples(tmp_path, tiny_data, capsys, cli)
     _pc("train", "--ae", vq / "best.pt", "--preset", "smoke", "--out", run, "--steps", 3, "--val-every", 3)
     ckpt = util.load_checkpoint(run / "best.pt", kind="pixelcnn")
     assert ckpt["config"]["conditional"] is False and (run / "samples" / "sample_0000003.png").exists()
-    _pc("sample", "--ckpt", run / "best.pt", "--n", 2, "--out", tmp_path / "s.png")  # --z is moot here
+    _pc("sample", "--ckpt", run / "best.pt", "--n", 2, "--out", tmp_path / "s.png")
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == cli.grid_size(2, 1)
     assert "2 samples" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^--z 3: this PixelCNN is unconditional .* leave --z out"):
+        _pc("sample", "--ckpt", run / "best.pt", "--z", 3, "--out", tmp_path / "z.png")
+    with pytest.raises(UserError, match=r"^--n 1: this PixelCNN is unconditional, so --n is the number of samples"):
+        _pc("evaluate", "--ckpt", run / "best.pt", "--n", 1, "--no-tissue-maps")
+    assert not (tmp_path / "z.png").exists()
     with pytest.raises(UserError, match=r"^--z-maps 2: this stage one's data have no z-index"):
         _pc("train", "--ae", vq / "best.pt", "--preset", "smoke", "--out", tmp_path / "zm", "--z-maps", 2)
 

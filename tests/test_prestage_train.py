@@ -330,8 +330,12 @@ def test_crop_steps_train_on_crops_and_validate_on_whole_slices(tmp_path, tiny_d
     (["--crop-steps", 3], "^--crop-steps 3: does nothing without --crop-size N"),
     (["--crop-size", 32, "--crop-steps", 3], "^--crop-size 32: must be smaller than the 32x32 slice and a multiple of 2"),
     (["--crop-size", 15, "--crop-steps", 3], "^--crop-size 15: must be smaller"),
-    (["--crop-size", 8, "--crop-steps", 3, "--disc-start", 1],
+    (["--crop-size", 8, "--crop-steps", 3, "--disc-start", 1, "--perceptual", "none"],
      "^--crop-size 8: too small for the PatchGAN's 2 stride-2 layers, which start at step 1"),
+    (["--crop-size", 8, "--crop-steps", 3], r"^--crop-size 8: smaller than the 11x11 the perceptual loss --perceptual "
+                                            r"msssim needs; give --crop-size 12 or more, or --perceptual none"),
+    (["--crop-size", 16, "--crop-steps", 8], "^--crop-steps 8: at or past --steps 8, so the run would never train on "
+                                             "whole slices"),
 ])
 def test_bad_crops_are_refused_in_one_line(tiny_data, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
