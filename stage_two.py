@@ -612,17 +612,18 @@ def sample_cmd(prior, args):
     return 0
 
 
-def tissue_maps(images, config, args):
+def tissue_maps(images, config, args, labeller=None):
     """Tissue classes uint8 [N, H, W] of generated slices by the labeller of the prior's data (the segmenter
-    trained on its real train pairs, evaluation.segmenter_for); None with a note where the data has no tissue
-    maps, or with --no-tissue-maps."""
+    trained on its real train pairs, evaluation.segmenter_for; `labeller` where the caller has it already); None
+    with a note where the data has no tissue maps, or with --no-tissue-maps."""
     if not args.tissue_maps:
         return None
-    try:
-        labeller = evaluation.segmenter_for(config["data"], images.shape[-1])
-    except UserError as err:
-        print(f"note: no tissue maps written: {err}")
-        return None
+    if labeller is None:
+        try:
+            labeller = evaluation.segmenter_for(config["data"], images.shape[-1])
+        except UserError as err:
+            print(f"note: no tissue maps written: {err}")
+            return None
     return evaluation.segment(labeller, images).to(torch.uint8).numpy()
 
 
@@ -726,6 +727,12 @@ def evaluate_cmd(prior, args):
     util.check_json_path(args.out, "--out")
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
+    labeller = None
+    if args.tstr:  # the labeller first: data without tissue maps is refused before the samples are drawn
+        try:
+            labeller = evaluation.segmenter_for(config["data"], ae.resolution)
+        except UserError as err:
+            raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples ({err})") from None
     if not config["conditional"]:
         if args.n < 2:
             raise UserError(f"--n {args.n}: this {prior.name} is unconditional, so --n is the number of samples, "
@@ -750,9 +757,7 @@ def evaluate_cmd(prior, args):
         metrics.update(follow_metrics(prior, model, ae, ckpt, device, args.guidance, options, args.seed,
                                       args.batch_size))
     if args.tstr:
-        labels = tissue_maps(images, config, args)
-        if labels is None:
-            raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples, and {config['data']} has none")
+        labels = tissue_maps(images, config, args, labeller)
         metrics.update(evaluation.train_on_synthetic(images, torch.from_numpy(labels), config["data"],
                                                      steps=args.tstr, seed=args.seed,
                                                      two_subjects=args.tstr_two_subjects))

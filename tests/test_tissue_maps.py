@@ -202,6 +202,17 @@ def test_unlabelled_data_gets_a_note_and_no_maps(ldm, tmp_path, monkeypatch, cap
     assert not (tmp_path / "s_seg.png").exists()
 
 
+def test_tstr_on_data_without_tissue_maps_is_refused_before_a_sample_is_drawn(ldm, tmp_path, monkeypatch):
+    def none(*a, **k):
+        raise UserError("/data/x: has no tissue maps for its train split")
+    monkeypatch.setattr(evaluation, "segmenter_for", none)
+    monkeypatch.setattr(stage_two, "generate_stacks", lambda *a, **k: pytest.fail("sampled before the refusal"))
+    with pytest.raises(UserError, match=r"^--tstr 2: needs tissue maps for the samples \(/data/x: has no tissue"):
+        sd.main(["evaluate", "--ckpt", str(ldm / "best.pt"), "--n", "1", "--sampler", "ddim", "--steps", "2",
+                 "--tstr", "2", "--out", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_subjects_come_with_label_volumes_that_read_back(ldm, tmp_path, fake_labeller):
     out = tmp_path / "subj"
     sd.main(["sample", "--ckpt", str(ldm / "best.pt"), "--subjects", "2", "--sampler", "ddim", "--steps", "2",
