@@ -119,11 +119,11 @@ def read_timings(path):
         return {}
     try:
         timings = json.loads(path.read_text())
+        ok = isinstance(timings, dict) and all(isinstance(v, (int, float)) for v in timings.values())
+        why = None if ok else "is not a JSON object of step seconds"
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        timings = err
-    if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) for v in timings.values())):
-        why = f"cannot be read ({str(timings).splitlines()[0][:80]})" if isinstance(timings, Exception) else \
-            "is not a JSON object of step seconds"
+        why = f"cannot be read ({str(err).splitlines()[0][:80]})"
+    if why:
         print(f"error: {path}: {why}; move it away (the demo writes its step timings there)", file=sys.stderr)
         return None
     return timings
