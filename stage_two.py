@@ -727,6 +727,9 @@ def evaluate_cmd(prior, args):
     util.check_json_path(args.out, "--out")
     device, model, ae, ckpt, options = prepare_sampling(prior, args)
     config = ckpt["config"]
+    if not config["conditional"] and args.n < 2:
+        raise UserError(f"--n {args.n}: this {prior.name} is unconditional, so --n is the number of samples, and "
+                        f"their metrics need at least 2")
     labeller = None
     if args.tstr:  # the labeller first: data without tissue maps is refused before the samples are drawn
         try:
@@ -734,9 +737,6 @@ def evaluate_cmd(prior, args):
         except UserError as err:
             raise UserError(f"--tstr {args.tstr}: needs tissue maps for the samples ({err})") from None
     if not config["conditional"]:
-        if args.n < 2:
-            raise UserError(f"--n {args.n}: this {prior.name} is unconditional, so --n is the number of samples, "
-                            f"and their metrics need at least 2")
         if args.order or args.independent:
             flag = f"--order {args.order}" if args.order else "--independent"
             raise UserError(f"{flag}: this {prior.name} is unconditional (no z-index), so it draws no stacks")
