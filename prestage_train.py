@@ -40,7 +40,7 @@ HYPERS = [
     H("decoder_extra_block", True, "decoder gets num_res_blocks + 1 ResBlocks per level, as LDM; --no-... "
       "matches MONAI", "model"),
     H("decoder_top_blocks", 0, "more ResBlocks in the decoder's full-resolution level, where the finest texture is "
-      "drawn (each about 5% of the demo autoencoder's arithmetic)", "model", low=0),
+      "drawn (each about a twentieth of the demo autoencoder's arithmetic)", "model", low=0),
     H("dropout", 0.0, "dropout in ResBlocks", "model", high=1),
     H("n_embed", 1024, "VQ codebook size", "model", applies="vqvae", low=2),
     H("embed_dim", 4, "VQ code dimension", "model", applies="vqvae", low=1),

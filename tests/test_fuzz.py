@@ -646,3 +646,15 @@ def test_the_demo_refuses_its_bad_flags_and_an_unreadable_timings_file_in_one_li
         code, _, err = run(demo.main, ["--out", tmp_path, "--data", tmp_path / "data"])
         _one_error(code, err, "timings.json: ")
         assert (tmp_path / "timings.json").read_text() == content and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("prestage_train", []), ("stable_diffusion", ["train"]), ("stable_diffusion", ["sample"]),
+    ("stable_diffusion", ["evaluate"]), ("pixelCNN", ["train"]), ("pixelCNN", ["sample"]), ("pixelCNN", ["evaluate"]),
+    ("dataset", ["inspect"]), ("dataset", ["build-demo"]), ("evaluation", []), ("logger", []), ("demo", []),
+])
+def test_every_help_prints_and_exits_0(module, argv):
+    # argparse formats each help text with %: a bare % in one (as "5% of") crashed --help with a traceback
+    import importlib
+    code, out, err = run(importlib.import_module(module).main, [*argv, "--help"])
+    assert code == 0 and "usage:" in out and not err, err
