@@ -15,6 +15,7 @@ Constructor arguments are plain values; `model.config` returns them so that a ch
 the model with `build_autoencoder(model.kind, model.config)`.
 """
 import inspect
+import math
 
 import torch
 import torch.distributed as dist
@@ -436,6 +437,72 @@ class VectorQuantizer(nn.Module):
             self.embed_sum.copy_(torch.where(dead[:, None], candidates, self.embed_sum))
 
 
+class FiniteScalarQuantizer(nn.Module):
+    """Finite scalar quantisation (Mentzer et al. 2024): each of the D = len(levels) channels is bounded and
+    rounded to one of its L_i levels, so the codebook is the implicit grid of prod(L_i) points and cannot collapse
+    (no codebook loss, no commitment loss, no dead codes). A code's index spells its digits in mixed radix
+    (channel 0 the most significant), so neighbouring indices of the last channel are neighbouring grid points.
+
+    Channel i is squashed as tanh(x + shift) * (1 + eps) (L_i - 1) / 2 - offset (offset 1/2 and the
+    matching shift for even L_i, which puts the levels on the integers -L_i/2 .. L_i/2 - 1, as in the authors'
+    code), rounded with a straight-through gradient, then divided by L_i // 2 so that every code lies in [-1, 1].
+    The same interface as VectorQuantizer: `codebook` [K, D], `nearest`, `lookup`, forward.
+    """
+
+    def __init__(self, levels, eps=1e-3):
+        super().__init__()
+        levels = [int(v) for v in levels]
+        if not levels or min(levels) < 2:
+            raise ValueError(f"FSQ levels must be a list of whole numbers >= 2, got {levels}")
+        self.levels = levels
+        self.n_embed, self.embed_dim = math.prod(levels), len(levels)
+        lv = torch.tensor(levels, dtype=torch.float32)
+        # (1 + eps): the outermost levels lie inside tanh's range (and a 2-level channel's shift is finite)
+        self.register_buffer("_half_levels", (lv - 1) * (1 + eps) / 2, persistent=False)
+        self.register_buffer("_offsets", (lv % 2 == 0).float() / 2, persistent=False)
+        self.register_buffer("_half_width", (lv // 2), persistent=False)
+        radix = torch.cumprod(torch.tensor([1] + levels[:0:-1]), 0).flip(0)  # [prod(L[1:]), ..., L[-1], 1]
+        self.register_buffer("_radix", radix, persistent=False)
+        self.register_buffer("codebook", self.lookup(torch.arange(self.n_embed)), persistent=False)
+
+    def bound(self, x):
+        """Channels last [..., D] squashed into each level range, before rounding."""
+        shift = torch.atanh(self._offsets / self._half_levels)
+        return torch.tanh(x + shift) * self._half_levels - self._offsets
+
+    def digits(self, values):
+        """Grid values [..., D] (in [-1, 1]) -> per-channel digits 0 .. L_i - 1, rounding to the nearest level."""
+        steps = torch.round(values * self._half_width) + self._half_width
+        return steps.clamp(min=0).minimum(torch.tensor(self.levels, device=values.device) - 1).long()
+
+    def nearest(self, flat):
+        """Index of the closest grid point for each row of `flat` [N, D] (per channel: the grid is a product)."""
+        return (self.digits(flat.float()) * self._radix).sum(-1)
+
+    def lookup(self, indices):
+        """Grid points for integer indices [...] -> [..., D]."""
+        digits = (indices[..., None] // self._radix) % torch.tensor(self.levels, device=indices.device)
+        return (digits - self._half_width).float() / self._half_width
+
+    def forward(self, z_e):
+        """Quantise [B, D, h, w]: (quantized (straight-through), indices [B, h, w], zero losses, stats)."""
+        b, d, h, w = z_e.shape
+        if d != self.embed_dim:
+            raise ValueError(f"quantizer expects {self.embed_dim} channels, got {d}")
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            bounded = self.bound(z_e.float().permute(0, 2, 3, 1))
+            rounded = bounded + (torch.round(bounded) - bounded).detach()
+            quant = rounded / self._half_width
+            indices = self.nearest(quant.detach())
+            counts = torch.bincount(indices.reshape(-1), minlength=self.n_embed).float()
+            stats = {k: v.detach() for k, v in code_statistics(counts).items()}
+            zero = torch.zeros((), device=z_e.device)
+        return quant.permute(0, 3, 1, 2), indices, dict(codebook=zero, commit=zero), stats
+
+
+QUANTIZERS = ("vq", "fsq")
+
+
 class VQVAE(_Autoencoder):
     """VQ-VAE / VQGAN generator: encoder -> 1x1 conv -> vector quantiser -> 1x1 conv -> decoder."""
 
@@ -444,7 +511,7 @@ class VQVAE(_Autoencoder):
     def __init__(self, resolution, in_channels=1, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(),
                  z_channels=4, dropout=0.0, conditional=False, num_z=32, n_embed=512, embed_dim=4, beta=0.25,
                  ema=False, ema_decay=0.99, restart_dead=True, dead_threshold=0.1, decoder_extra_block=True,
-                 grad="ste", decoder_top_blocks=0):
+                 grad="ste", decoder_top_blocks=0, quantizer="vq", fsq_levels=(8, 5, 5, 5)):
         super().__init__()
         self._config = dict(resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=list(ch_mult),
                             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
@@ -452,7 +519,13 @@ class VQVAE(_Autoencoder):
                             n_embed=n_embed, embed_dim=embed_dim, beta=beta, ema=bool(ema), ema_decay=ema_decay,
                             restart_dead=bool(restart_dead), dead_threshold=dead_threshold,
                             decoder_extra_block=bool(decoder_extra_block), grad=grad,
-                            decoder_top_blocks=int(decoder_top_blocks))
+                            decoder_top_blocks=int(decoder_top_blocks), quantizer=quantizer,
+                            fsq_levels=list(fsq_levels))
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        if quantizer == "fsq" and (n_embed, embed_dim) != (math.prod(fsq_levels), len(fsq_levels)):
+            raise ValueError(f"an FSQ code has len(fsq_levels) = {len(fsq_levels)} channels and prod(fsq_levels) "
+                             f"= {math.prod(fsq_levels)} values, not embed_dim {embed_dim} and n_embed {n_embed}")
         self._init_common(resolution, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
                           dropout, conditional, num_z)
         self.latent_channels = int(embed_dim)
@@ -460,8 +533,11 @@ class VQVAE(_Autoencoder):
         self.beta = float(beta)
         self.encoder = Encoder(**self.arch, out_channels=z_channels)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantizer = VectorQuantizer(n_embed, embed_dim, beta, ema, ema_decay, restart_dead, dead_threshold,
-                                         grad=grad)
+        if quantizer == "fsq":
+            self.quantizer = FiniteScalarQuantizer(fsq_levels)
+        else:
+            self.quantizer = VectorQuantizer(n_embed, embed_dim, beta, ema, ema_decay, restart_dead, dead_threshold,
+                                             grad=grad)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = Decoder(**{**self.arch, "in_channels": z_channels}, out_channels=in_channels,
                                extra_block=decoder_extra_block, top_blocks=decoder_top_blocks)

@@ -6,6 +6,8 @@
 - GAN losses: hinge and non-saturating (softplus) for the discriminator and the generator.
 - `adaptive_gan_weight`: VQGAN's balance between reconstruction and adversarial gradients.
 - `feature_matching_loss`: pix2pixHD's L1 between the discriminator's features of real and fake images.
+- Discriminator regularisers: `r1_penalty` (Mescheder et al. 2018, the gradient norm on real images) and
+  `LeCamAnchors` (Tseng et al. 2021, pulls the logits towards moving averages of the other side's).
 - `focal_frequency_loss`: a spectral distance that needs no pretrained network (Jiang et al. 2021).
 - `build_perceptual_loss`: an LPIPS-style VGG16 feature distance when torchvision and cached ImageNet
   weights are available locally (nothing is ever downloaded), else 1 - MS-SSIM, or nothing.
@@ -141,6 +143,49 @@ def feature_matching_loss(fake_features, real_features):
     """pix2pixHD's discriminator feature matching: the mean over layers of the L1 distance between the
     discriminator's activations on fakes and on (detached) real images."""
     return torch.stack([(f - r.detach()).abs().mean() for f, r in zip(fake_features, real_features)]).mean()
+
+
+def r1_penalty(real_logits, real_images):
+    """R1 (Mescheder et al. 2018): the mean over the batch of ||d D(x) / d x||^2 on real images, where D(x) is
+    each image's mean patch logit (the scale the GAN losses see). real_images must require grad and
+    real_logits come from them; the graph is kept so that the penalty trains the discriminator."""
+    grad, = torch.autograd.grad(real_logits.mean(dim=(1, 2, 3)).sum(), real_images, create_graph=True)
+    return grad.square().sum(dim=(1, 2, 3)).mean()
+
+
+class LeCamAnchors(nn.Module):
+    """LeCam regulariser (Tseng et al. 2021) and its anchors: moving averages of the discriminator's mean logit
+    on real and on fake images (decay 0.99, zero-debiased, as the authors' code). The penalty
+    mean relu(D(real) - anchor_fake)^2 + mean relu(anchor_real - D(fake))^2 keeps the two sides' logits from
+    drifting apart, which is how a discriminator overfits a small training set. A module so that the anchors
+    are saved with the run and a resumed run goes on from them."""
+
+    def __init__(self, decay=0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("sums", torch.zeros(2))  # biased averages of (real, fake)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, real_logits, fake_logits):
+        means = torch.stack([real_logits.mean(), fake_logits.mean()]).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(means)  # every rank keeps the same anchors
+            means /= torch.distributed.get_world_size()
+        self.sums.mul_(self.decay).add_(means, alpha=1 - self.decay)
+        self.count += 1
+
+    def anchors(self):
+        """(real, fake) averages, divided by 1 - decay^count so that the first steps are not pulled to 0."""
+        if int(self.count) == 0:
+            return torch.zeros(2, device=self.sums.device)
+        return self.sums / (1 - self.decay ** int(self.count))
+
+    def forward(self, real_logits, fake_logits):
+        """Update the anchors with this batch, then the penalty on it."""
+        self.update(real_logits.detach(), fake_logits.detach())
+        anchor_real, anchor_fake = self.anchors()
+        return F.relu(real_logits - anchor_fake).square().mean() + F.relu(anchor_real - fake_logits).square().mean()
 
 
 def adaptive_gan_weight(rec_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):

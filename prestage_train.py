@@ -15,6 +15,7 @@ Without --data the embedded MNI pseudo-cohort is built once into data/embedded_<
 The best checkpoint (best.pt) is chosen on validate SSIM; the test split is only for --eval-only.
 """
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,9 @@ import dataset
 import evaluation
 import trainer as tr
 import util
-from model_discriminator import (PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, d_loss,
-                                 feature_matching_loss, focal_frequency_loss, generator_loss)
-from model_VAE import QUANTIZER_GRADIENTS, build_autoencoder
+from model_discriminator import (LeCamAnchors, PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, d_loss,
+                                 feature_matching_loss, focal_frequency_loss, generator_loss, r1_penalty)
+from model_VAE import QUANTIZER_GRADIENTS, QUANTIZERS, build_autoencoder
 from util import UserError
 
 H = tr.Hyper
@@ -42,6 +43,11 @@ HYPERS = [
     H("decoder_top_blocks", 0, "more ResBlocks in the decoder's full-resolution level, where the finest texture is "
       "drawn (each about a twentieth of the demo autoencoder's arithmetic)", "model", low=0),
     H("dropout", 0.0, "dropout in ResBlocks", "model", high=1),
+    H("quantizer", "vq", "vq: a learnt codebook of --n-embed vectors; fsq: finite scalar quantisation (Mentzer et "
+      "al. 2024), each code channel rounded to one of --fsq-levels values (the codebook is their grid and cannot "
+      "collapse; --n-embed and --embed-dim follow from the levels)", "model", applies="vqvae", choices=QUANTIZERS),
+    H("fsq_levels", [8, 5, 5, 5], "with --quantizer fsq: the values per code channel (8,5,5,5: 1000 codes of 4 "
+      "channels, the paper's choice near 1024)", "model", applies="vqvae"),
     H("n_embed", 1024, "VQ codebook size", "model", applies="vqvae", low=2),
     H("embed_dim", 4, "VQ code dimension", "model", applies="vqvae", low=1),
     H("vq_ema", True, "EMA codebook updates with dead-code restart", "model", applies="vqvae", arg="ema"),
@@ -67,6 +73,12 @@ HYPERS = [
     H("disc_lr_mult", 1.0, "discriminator learning rate as a multiple of --lr, on the same schedule (two time-scale "
       "update rule, Heusel et al. 2017)", "loss", low=1e-3),
     H("gan_loss", "hinge", "GAN loss", "loss", choices=("hinge", "nonsat")),
+    H("disc_z", True, "the discriminator is told each slice's z-index (when the run is z-conditioned); --no-... "
+      "judges every slice against all of them", "loss"),
+    H("r1_weight", 0.0, "R1 gradient penalty weight gamma on real slices (the discriminator's loss gains gamma/2 "
+      "times the mean ||grad_x D(x)||^2, Mescheder et al. 2018; 0: off)", "loss", low=0),
+    H("lecam_weight", 0.0, "LeCam regulariser weight (Tseng et al. 2021: the discriminator's logits pulled towards "
+      "moving averages of the other side's; 0: off)", "loss", low=0),
     H("fm_weight", 0.0, "discriminator feature-matching loss weight (pix2pixHD; from disc_start, while the GAN is "
       "on; 0: off)", "loss", low=0),
     H("kl_weight", 1e-6, "maximum KL weight", "loss", applies="vae"),
@@ -174,9 +186,12 @@ class StageOneTask(tr.Task):
                                                   fused=True)
         self.use_gan = gan_is_used(config)
         if self.use_gan:
-            self.disc = PatchDiscriminator(1, config["disc_ch"], config["disc_layers"], config["conditional"],
-                                           config["num_z"], highpass=config["disc_highpass"]).to(device)
+            self.disc = PatchDiscriminator(1, config["disc_ch"], config["disc_layers"],
+                                           config["conditional"] and config["disc_z"], config["num_z"],
+                                           highpass=config["disc_highpass"]).to(device)
             self.models["disc"] = self.disc
+            if config["lecam_weight"] > 0:  # its anchors are saved and resumed with the run
+                self.models["lecam"] = LeCamAnchors().to(device)
             self.optimizers["opt_disc"] = torch.optim.Adam(self.disc.parameters(), lr=config["lr"],
                                                            betas=(0.5, 0.9), fused=True)
             self.lr_scale["opt_disc"] = config["disc_lr_mult"]
@@ -223,26 +238,39 @@ class StageOneTask(tr.Task):
         if gan_on:
             # Disc is neither trained nor weighted before disc_start: early adversarial gradients wreck
             # reconstructions while the decoder is still learning the anatomy.
-            d_real, d_fake, real_features = self.discriminator_pass(x, recon.detach(), z)
+            d_real, d_fake, real_features, d_reg = self.discriminator_pass(x, recon.detach(), z, logs)
             loss = loss + self.adversarial_loss(recon, z, nll, real_features, logs)
         opt = self.optimizers["opt"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if gan_on:
-            logs["loss/d"] = self.discriminator_step(d_real, d_fake)
+            logs["loss/d"] = self.discriminator_step(d_real, d_fake, d_reg)
         logs["loss/total"] = loss.detach()
         return logs
 
-    def discriminator_pass(self, x, fake, z):
+    def discriminator_pass(self, x, fake, z, logs):
         """The discriminator on real slices and detached reconstructions in one batch (its GroupNorm is per
-        sample, so this equals two passes): logits for its own update, and the real slices' features,
-        which are also feature matching's targets (the same weights judge both before the update)."""
+        sample, so this equals two passes): logits for its own update, the real slices' features, which are
+        also feature matching's targets (the same weights judge both before the update), and the weighted
+        R1 + LeCam regularisers of the discriminator's loss. R1 differentiates this same pass with respect to
+        the real slices: under DDP a second discriminator forward before the backward would break it."""
+        cfg = self.config
         both_z = None if z is None else torch.cat([z, z])
+        real = x.detach().requires_grad_(True) if cfg["r1_weight"] > 0 else x
         with util.autocast(self.device):
-            logits, features = self.nets["disc"](torch.cat([x, fake]), both_z, features=True)
+            logits, features = self.nets["disc"](torch.cat([real, fake]), both_z, features=True)
         real_logits, fake_logits = logits.float().chunk(2)
-        return real_logits, fake_logits, [f[: len(x)].detach().float() for f in features]
+        reg = torch.zeros((), device=x.device)
+        if cfg["r1_weight"] > 0:
+            r1 = r1_penalty(real_logits, real)
+            logs["loss/r1"] = r1.detach()
+            reg = reg + cfg["r1_weight"] / 2 * r1
+        if cfg["lecam_weight"] > 0:
+            lecam = self.models["lecam"](real_logits, fake_logits)
+            logs["loss/lecam"] = lecam.detach()
+            reg = reg + cfg["lecam_weight"] * lecam
+        return real_logits, fake_logits, [f[: len(x)].detach().float() for f in features], reg
 
     def adversarial_loss(self, recon, z, nll, real_features, logs):
         """The generator's weighted GAN (+ feature-matching) loss. The discriminator's weights are frozen
@@ -266,12 +294,13 @@ class StageOneTask(tr.Task):
             adv = adv + cfg["fm_weight"] * fm
         return adv
 
-    def discriminator_step(self, real_logits, fake_logits):
-        """One PatchGAN update on real slices against the current reconstructions."""
+    def discriminator_step(self, real_logits, fake_logits, reg):
+        """One PatchGAN update on real slices against the current reconstructions; returns its GAN loss (the
+        regularisers `reg` are logged apart)."""
         loss = d_loss(self.config["gan_loss"], real_logits, fake_logits)
         opt = self.optimizers["opt_disc"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + reg).backward()
         opt.step()
         return loss.detach()
 
@@ -342,6 +371,7 @@ def check_run_keys(config, args):
     if not isinstance(config.get("data"), (str, type(None))):
         raise UserError(f"{where} data {config['data']!r}, which must be a folder path")
     check_crops(config, args)
+    check_fsq(config, args)
     size, layers = config["size"], config["disc_layers"]
     if gan_is_used(config) and PatchDiscriminator.logits_size(size, layers) < 1:
         fits = [n for n in range(1, layers) if PatchDiscriminator.logits_size(size, n) >= 1]
@@ -349,6 +379,25 @@ def check_run_keys(config, args):
         raise UserError(f"--disc-layers {layers}{source}: at most "
                         f"{max(fits, default=0)} stride-2 discriminator layers fit a {size}x{size} slice (each "
                         f"halves it, and the PatchGAN needs a 3x3 map after them)")
+
+
+# flags of the learnt codebook, which finite scalar quantisation has no use for
+VQ_ONLY = ("n_embed", "embed_dim", "vq_ema", "vq_grad")
+
+
+def check_fsq(config, args):
+    """With --quantizer fsq the codebook size and code channels follow from --fsq-levels (written into the config
+    so that it says what the model is); the learnt codebook's flags are refused."""
+    if config["model"] != "vqvae" or config["quantizer"] != "fsq":
+        return
+    levels = config["fsq_levels"]
+    if min(levels) < 2:
+        raise UserError(f"--fsq-levels {','.join(map(str, levels))}: every channel needs at least 2 levels")
+    given = [name for name in VQ_ONLY if getattr(args, name, None) is not None]
+    if given and not args.resume:
+        raise UserError(f"{tr.typed_flag(given[0], getattr(args, given[0]))}: does not apply with --quantizer fsq (its codebook is the "
+                        f"grid of --fsq-levels, {math.prod(levels)} codes of {len(levels)} channels)")
+    config["n_embed"], config["embed_dim"] = math.prod(levels), len(levels)
 
 
 # the smallest image each perceptual loss takes: SSIM's 11x11 window (auto falls back to MS-SSIM); VGG16's four

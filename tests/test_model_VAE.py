@@ -8,7 +8,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributions import Normal, kl_divergence
 
-from model_VAE import VAE, VQVAE, DiagonalGaussian, VectorQuantizer, build_autoencoder, rotate_onto
+import numpy as np
+
+from model_VAE import (VAE, VQVAE, DiagonalGaussian, FiniteScalarQuantizer, VectorQuantizer, build_autoencoder,
+                       rotate_onto)
 from module import ResBlock
 
 
@@ -564,3 +567,74 @@ def test_quantize_latent_snaps_to_nearest_code():
     torch.testing.assert_close(model.quantize_latent(noisy), exact)
     brute = ((noisy.permute(0, 2, 3, 1)[..., None, :] - codes) ** 2).sum(-1).argmin(-1)
     assert torch.equal(brute, idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite scalar quantisation
+
+
+def test_fsq_codebook_is_the_grid_of_levels_indexed_in_mixed_radix():
+    fsq = FiniteScalarQuantizer([8, 5, 3])
+    assert (fsq.n_embed, fsq.embed_dim) == (120, 3) and fsq.codebook.shape == (120, 3)
+    grids = [np.arange(8) / 4 - 1, np.arange(5) / 2 - 1, np.arange(3) - 1.0]  # {-4..3}/4, {-2..2}/2, {-1, 0, 1}
+    for i, values in enumerate(grids):
+        np.testing.assert_allclose(np.unique(fsq.codebook[:, i].numpy()), values)
+    digits = np.stack(np.unravel_index(np.arange(120), (8, 5, 3)), axis=1)  # numpy's C order: the last digit fastest
+    expected = np.stack([grid[d] for grid, d in zip(grids, digits.T)], axis=1)
+    np.testing.assert_allclose(fsq.codebook.numpy(), expected, atol=1e-7)
+    assert torch.equal(fsq.nearest(fsq.codebook), torch.arange(120))  # lookup and nearest are inverse
+    assert not dict(fsq.state_dict())  # nothing learnt, nothing saved
+
+
+def test_fsq_nearest_is_the_euclidean_nearest_grid_point():
+    fsq = FiniteScalarQuantizer([4, 5, 2, 3])
+    points = torch.rand(500, 4, generator=torch.Generator().manual_seed(0)) * 2.6 - 1.3  # also outside [-1, 1]
+    brute = torch.cdist(points, fsq.codebook).argmin(dim=1)
+    assert torch.equal(fsq.nearest(points), brute)
+
+
+def test_fsq_forward_rounds_the_bounded_encoder_output_with_a_straight_through_gradient():
+    levels = [8, 5, 2]
+    fsq = FiniteScalarQuantizer(levels)
+    z_e = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_(True)
+    quant, indices, losses, stats = fsq(z_e)
+    assert quant.shape == z_e.shape and indices.shape == (2, 4, 4)
+    torch.testing.assert_close(quant, fsq.lookup(indices).permute(0, 3, 1, 2))
+    assert float(losses["codebook"]) == float(losses["commit"]) == 0.0
+    # by hand: half range h = (L - 1)(1 + 1e-3) / 2, offset 1/2 for even L, value round(tanh(x + s) h - o) / (L // 2)
+    x = z_e.detach().permute(0, 2, 3, 1).double().numpy()
+    lv = np.array(levels, float)
+    h, o = (lv - 1) * 1.001 / 2, (lv % 2 == 0) / 2
+    t = np.tanh(x + np.arctanh(o / h))
+    np.testing.assert_allclose(quant.detach().permute(0, 2, 3, 1).numpy(), np.round(t * h - o) / (lv // 2), atol=1e-6)
+    quant.sum().backward()  # the rounding passes the gradient on: d/dx = (1 - tanh^2) h / (L // 2)
+    np.testing.assert_allclose(z_e.grad.permute(0, 2, 3, 1).numpy(), (1 - t**2) * h / (lv // 2), rtol=1e-4, atol=1e-6)
+    assert 0 < float(stats["usage"]) <= 1
+
+
+def test_fsq_even_levels_are_all_reached_and_extremes_stay_in_range():
+    fsq = FiniteScalarQuantizer([2, 4, 5])
+    z_e = torch.linspace(-8, 8, 4001).view(1, 1, 1, -1).expand(1, 3, 1, 4001).contiguous()
+    quant, indices, _, _ = fsq(z_e)
+    for i, levels in enumerate([2, 4, 5]):
+        assert len(torch.unique(quant[0, i])) == levels
+    assert int(indices.min()) >= 0 and int(indices.max()) < fsq.n_embed
+
+
+def test_vqvae_with_fsq_trains_its_encoder_and_rebuilds_from_config():
+    model = tiny(VQVAE, quantizer="fsq", fsq_levels=[4, 3, 3], n_embed=36, embed_dim=3)
+    assert isinstance(model.quantizer, FiniteScalarQuantizer) and model.n_embed == 36
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    out = model(x)
+    assert float(out["vq_loss"]) == 0.0 and int(out["indices"].max()) < 36
+    (out["recon"] - x).abs().mean().backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # the straight-through gradient reaches the encoder
+    again = build_autoencoder("vqvae", model.config)
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.decode_indices(out["indices"]), model.decode_indices(out["indices"]))
+    with pytest.raises(ValueError, match="n_embed"):
+        tiny(VQVAE, quantizer="fsq", fsq_levels=[4, 3, 3], n_embed=16, embed_dim=3)
+    with pytest.raises(ValueError, match="quantizer"):
+        tiny(VQVAE, quantizer="lfq")
+    with pytest.raises(ValueError, match="levels"):
+        FiniteScalarQuantizer([4, 1])

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import model_discriminator as md
 from model_discriminator import (
-    MSSSIMLoss, PatchDiscriminator, SSIMLoss, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
-    feature_matching_loss, focal_frequency_loss, generator_loss, high_frequencies, hinge_d_loss, nonsaturating_d_loss)
+    LeCamAnchors, MSSSIMLoss, PatchDiscriminator, SSIMLoss, VGGFeatureDistance, adaptive_gan_weight, build_perceptual_loss, d_loss,
+    feature_matching_loss, focal_frequency_loss, generator_loss, high_frequencies, hinge_d_loss, nonsaturating_d_loss,
+    r1_penalty)
 from util import UserError, ms_ssim
 
 
@@ -360,3 +361,57 @@ def test_highpass_discriminator_ignores_brightness_and_sees_the_finest_band():
         plain = PatchDiscriminator(ch=8, n_layers=2).eval()
         assert not torch.allclose(plain(x + 0.3), plain(x), atol=1e-5)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator regularisers
+
+
+def test_r1_penalty_of_a_linear_discriminator_is_its_weight_norm_and_trains_the_weight():
+    """D(x) = mean over a 2x2 patch map of <W_p, x>: the gradient of the mean logit is the mean of the W_p,
+    so R1 = ||mean W_p||^2 for every image, and its gradient with respect to W follows by hand."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 1, 6, 6, generator=g).requires_grad_(True)  # one weight map per patch logit
+    x = torch.randn(3, 1, 6, 6, generator=g).requires_grad_(True)
+    logits = torch.einsum("pchw,bchw->bp", weight, x).reshape(3, 1, 2, 2)
+    r1 = r1_penalty(logits, x)
+    mean_w = weight.detach().mean(dim=0)
+    torch.testing.assert_close(r1, mean_w.square().sum(), rtol=1e-5, atol=1e-6)
+    grad, = torch.autograd.grad(r1, weight)  # d ||mean W||^2 / d W_p = 2 mean W / 4
+    torch.testing.assert_close(grad, (2 * mean_w / 4).expand(4, 1, 6, 6), rtol=1e-5, atol=1e-6)
+
+
+def test_r1_penalty_is_zero_where_the_discriminator_ignores_its_input():
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    logits = (x * 0).sum(dim=(2, 3), keepdim=True) + 1.5
+    assert float(r1_penalty(logits, x)) == 0.0
+
+
+def test_lecam_anchors_are_debiased_averages_and_the_penalty_is_one_sided():
+    lecam = LeCamAnchors(decay=0.9)
+    torch.testing.assert_close(lecam.anchors(), torch.zeros(2))
+    batches = [(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -2.0])), (torch.tensor([0.0, 0.5]), torch.tensor([0.5]))]
+    biased, penalties = np.zeros(2), []
+    for t, (real, fake) in enumerate(batches, start=1):
+        penalties.append(float(lecam(real, fake)))
+        biased = 0.9 * biased + 0.1 * np.array([real.mean().item(), fake.mean().item()])
+        anchor_real, anchor_fake = biased / (1 - 0.9**t)
+        expected = (np.maximum(real.numpy() - anchor_fake, 0) ** 2).mean() + \
+            (np.maximum(anchor_real - fake.numpy(), 0) ** 2).mean()
+        assert penalties[-1] == pytest.approx(expected, rel=1e-6)
+        np.testing.assert_allclose(lecam.anchors().numpy(), biased / (1 - 0.9**t), rtol=1e-6)
+    assert penalties[0] == pytest.approx(((1 + 1.5) ** 2 + (3 + 1.5) ** 2) / 2 + ((2 + 1) ** 2 + (2 + 2) ** 2) / 2)
+    assert int(lecam.count) == 2 and set(lecam.state_dict()) == {"sums", "count"}
+    # real logits below the fake anchor and fake logits above the real one are not penalised
+    assert float(LeCamAnchors()(torch.tensor([-5.0]), torch.tensor([5.0]))) == 0.0
+
+
+def test_lecam_penalty_pulls_the_logits_only():
+    lecam = LeCamAnchors()
+    real = torch.tensor([2.0, 1.0], requires_grad=True)
+    fake = torch.tensor([-2.0], requires_grad=True)
+    lecam(real, fake).backward()
+    # the first step's anchors are the batch means (real 1.5, fake -2): d/dD(real) = 2 (D - (-2)) / 2
+    torch.testing.assert_close(real.grad, torch.tensor([4.0, 3.0]))
+    torch.testing.assert_close(fake.grad, torch.tensor([-2 * 3.5]))
+    assert not lecam.sums.requires_grad

@@ -90,6 +90,54 @@ def test_highpass_discriminator_trains_and_resumes_as_built(tmp_path, tiny_data)
     assert util.load_checkpoint(out / "last.pt")["step"] == 6
 
 
+def test_discriminator_regularisers_are_logged_from_disc_start_and_refused_below_zero(tmp_path, tiny_data):
+    out = tmp_path / "reg"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 6, "--disc-start", 3,
+         "--log-every", 1, "--r1-weight", 2.0, "--lecam-weight", 0.5)
+    records = [r for r in util.read_jsonl(out / "log.jsonl") if "loss/rec" in r]
+    assert [("loss/r1" in r, "loss/lecam" in r) for r in records] == [(False, False)] * 3 + [(True, True)] * 3
+    assert all(r["loss/r1"] > 0 and r["loss/lecam"] >= 0 for r in records[3:])
+    state = util.load_checkpoint(out / "last.pt")
+    assert (state["config"]["r1_weight"], state["config"]["lecam_weight"]) == (2.0, 0.5)
+    plain = tmp_path / "plain"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", plain, "--steps", 4, "--disc-start", 3)
+    assert "lecam" not in util.load_checkpoint(plain / "last.pt")  # no anchors without the regulariser
+    for flag in ("--r1-weight", "--lecam-weight"):
+        with pytest.raises(UserError, match=flag):
+            _run("--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", flag, -0.1)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_the_discriminator_is_told_z_unless_no_disc_z(tmp_path, tiny_data):
+    for flag, told in (((), True), (("--no-disc-z",), False)):
+        out = tmp_path / f"dz{told}"
+        _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 4, "--disc-start", 2,
+             *flag)
+        state = util.load_checkpoint(out / "last.pt")
+        assert any(k.startswith("z_embed.") for k in state["disc"]) == told
+        assert state["config"]["disc_z"] == told and state["config"]["conditional"]  # the autoencoder still is
+
+
+def test_fsq_run_records_the_grid_it_quantises_to_and_refuses_codebook_flags(tmp_path, tiny_data):
+    out = tmp_path / "fsq"
+    _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 4, "--disc-start", 2,
+         "--quantizer", "fsq", "--fsq-levels", "4,3,2")
+    state = util.load_checkpoint(out / "last.pt")
+    assert (state["config"]["n_embed"], state["config"]["embed_dim"]) == (24, 3)  # not the smoke preset's 32 codes
+    model, _ = prestage_train.load_autoencoder(out / "best.pt", torch.device("cpu"))
+    assert model.n_embed == 24 and model.quantizer.codebook.shape == (24, 3)
+    _run("--resume", out, "--steps", 6)
+    assert util.load_checkpoint(out / "last.pt")["step"] == 6
+    for argv, flag in ((("--n-embed", 64), "--n-embed"), (("--no-vq-ema",), "--no-vq-ema"),
+                       (("--fsq-levels", "4,1"), "--fsq-levels 4,1")):
+        with pytest.raises(UserError, match=flag):
+            _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad",
+                 "--quantizer", "fsq", *argv)
+    with pytest.raises(UserError, match="--quantizer"):
+        _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--quantizer", "fsq")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
     out = tmp_path / "r"
     _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 6, "--disc-start", 4,
@@ -99,10 +147,10 @@ def test_gan_is_off_before_disc_start(tmp_path, tiny_data):
     assert all("loss/g" in r for r in records if r["step"] > 4 and "loss/rec" in r)
 
 
-def _gan_task(gan_loss):
+def _gan_task(gan_loss, **extra):
     """A smoke-preset VQ-VAE task with the GAN and feature matching on from step 0, and one batch."""
     cfg = trainer.preset_values(prestage_train.HYPERS, prestage_train.PRESETS, "smoke")
-    cfg.update(model="vqvae", conditional=True, num_z=8, disc_start=0, fm_weight=1.0, gan_loss=gan_loss)
+    cfg.update(model="vqvae", conditional=True, num_z=8, disc_start=0, fm_weight=1.0, gan_loss=gan_loss, **extra)
     val = (torch.zeros(1, 1, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
     task = prestage_train.StageOneTask(cfg, torch.device("cpu"), val)
     task.nets = dict(task.models)
@@ -111,12 +159,14 @@ def _gan_task(gan_loss):
     return task, x, torch.tensor([0, 3, 7])
 
 
-@pytest.mark.parametrize("gan_loss", ["hinge", "nonsat"])
-def test_gan_step_equals_separate_discriminator_passes(gan_loss):
+@pytest.mark.parametrize("gan_loss,r1,lecam", [("hinge", 0.0, 0.0), ("nonsat", 0.0, 0.0), ("hinge", 2.0, 0.3)])
+def test_gan_step_equals_separate_discriminator_passes(gan_loss, r1, lecam):
     """One discriminator pass on real + fake, a frozen pass for the generator and reused real features give the
-    gradients of the textbook form: separate real and fake passes, the generator's through a trainable D."""
-    from model_discriminator import adaptive_gan_weight, d_loss, feature_matching_loss, generator_loss
-    task, x, z = _gan_task(gan_loss)
+    gradients of the textbook form: separate real and fake passes, the generator's through a trainable D, and
+    R1 and LeCam on passes of their own."""
+    from model_discriminator import (LeCamAnchors, adaptive_gan_weight, d_loss, feature_matching_loss,
+                                     generator_loss, r1_penalty)
+    task, x, z = _gan_task(gan_loss, r1_weight=r1, lecam_weight=lecam)
     params, disc = list(task.model.parameters()), task.disc
     recon = task.model(x, z)["recon"]
     rec, perc = task.reconstruction_loss(recon, x)
@@ -130,9 +180,18 @@ def test_gan_step_equals_separate_discriminator_passes(gan_loss):
     ref = ref + feature_matching_loss(fake_f, real_f)
     ref_grads = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
     ref_d = d_loss(gan_loss, disc(x, z), disc(recon.detach(), z))
-    ref_d_grads = torch.autograd.grad(ref_d, list(disc.parameters()))
+    ref_reg = torch.zeros(())
+    if r1:
+        real = x.detach().requires_grad_(True)
+        ref_reg = ref_reg + r1 / 2 * r1_penalty(disc(real, z), real)
+    if lecam:
+        ref_reg = ref_reg + lecam * LeCamAnchors()(disc(x, z), disc(recon.detach(), z))
+    ref_d_grads = torch.autograd.grad(ref_d + ref_reg, list(disc.parameters()))
     # the trainer's form
-    d_real, d_fake, real_features = task.discriminator_pass(x, recon.detach(), z)
+    logs = {}
+    d_real, d_fake, real_features, reg = task.discriminator_pass(x, recon.detach(), z, logs)
+    assert ("loss/r1" in logs, "loss/lecam" in logs) == (r1 > 0, lecam > 0)
+    torch.testing.assert_close(reg, ref_reg, rtol=1e-5, atol=1e-7)
     logs = {}
     adv = task.adversarial_loss(recon, z, nll, real_features, logs)
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again for its own update
@@ -146,7 +205,7 @@ def test_gan_step_equals_separate_discriminator_passes(gan_loss):
     assert all(p.grad is None for p in disc.parameters())  # no weight gradients for D from the generator's loss
     new_d = d_loss(gan_loss, d_real, d_fake)
     torch.testing.assert_close(new_d, ref_d, rtol=1e-5, atol=1e-6)
-    for a, b in zip(torch.autograd.grad(new_d, list(disc.parameters())), ref_d_grads):
+    for a, b in zip(torch.autograd.grad(new_d + reg, list(disc.parameters())), ref_d_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -158,15 +217,19 @@ def test_discriminator_is_unfrozen_when_the_generator_pass_fails():
     assert all(p.requires_grad for p in task.disc.parameters())
 
 
-@pytest.mark.parametrize("model", ["vae", "vqvae"])
-def test_resume_matches_uninterrupted_run(tmp_path, tiny_data, model):
-    common = ["--model", model, "--preset", "smoke", "--data", tiny_data, "--steps", 10, "--disc-start", 3]
+@pytest.mark.parametrize("model,extra", [("vae", ()), ("vqvae", ()),
+                                         ("vqvae", ("--r1-weight", 1.0, "--lecam-weight", 0.3))])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_data, model, extra):
+    common = ["--model", model, "--preset", "smoke", "--data", tiny_data, "--steps", 10, "--disc-start", 3, *extra]
     _run(*common, "--out", tmp_path / "straight")
     _run(*common, "--out", tmp_path / "chunked", "--stop-at", 5)
     assert util.load_checkpoint(tmp_path / "chunked" / "last.pt")["step"] == 5
     _run("--resume", tmp_path / "chunked")
     a, b = tmp_path / "straight" / "last.pt", tmp_path / "chunked" / "last.pt"
-    for key in ("model", "disc"):
+    keys = ("model", "disc", "lecam") if extra else ("model", "disc")
+    if extra:  # the LeCam anchors averaged every GAN step, across the pause
+        assert int(util.load_checkpoint(b)["lecam"]["count"]) == 10 - 3
+    for key in keys:
         wa, wb = _weights(a, key), _weights(b, key)
         assert wa.keys() == wb.keys()
         for name in wa:
@@ -276,7 +339,7 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_data, cli):
     out = tmp_path / "ddp"
     proc = cli.run("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={cli.free_port()}",
                    "prestage_train.py", "--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out,
-                   "--device", "cpu")
+                   "--device", "cpu", "--r1-weight", "1", "--lecam-weight", "0.3")  # R1 differentiates a DDP pass
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "distributed: 2 processes, backend gloo" in proc.stdout
     ckpt = util.load_checkpoint(out / "last.pt")
