@@ -98,6 +98,23 @@ def test_code_features_train_on_the_stage_one_codebook_and_sample(tmp_path, vqva
     assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
 
 
+def test_a_prior_on_an_fsq_stage_one_draws_its_grid_codes_and_sees_them_as_features(tmp_path, tiny_data, capsys, cli):
+    import prestage_train
+
+    ae = tmp_path / "fsq"
+    prestage_train.main(["--model", "vqvae", "--preset", "smoke", "--data", str(tiny_data), "--out", str(ae),
+                         "--steps", "4", "--quantizer", "fsq", "--fsq-levels", "3,2,2"])
+    out = tmp_path / "pc"
+    _pc("train", "--ae", ae / "best.pt", "--preset", "smoke", *cli.CADENCE, "--code-features", "--out", out)
+    best = util.load_checkpoint(out / "best.pt", kind="pixelcnn")
+    assert best["config"]["n_codes"] == 12 and best["config"]["code_dim"] == 3
+    grid = torch.tensor([[a, b, c] for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0) for c in (-1.0, 0.0)])
+    torch.testing.assert_close(best["model"]["code_vectors"], (grid - grid.mean(0)) / grid.std(0))
+    capsys.readouterr()
+    _pc("sample", "--ckpt", out / "best.pt", "--n", 1, "--z", "0,9", "--device", "cpu", "--out", tmp_path / "s.png")
+    assert "2 samples" in capsys.readouterr().out and (tmp_path / "s.png").exists()
+
+
 def test_the_ema_holds_the_code_vectors_before_the_first_step(vqvae_run):
     # the EMA is a copy of the network taken before the codebook's vectors are set into it
     ae, _ = stage_two.load_stage_one(pixelCNN.PRIOR, vqvae_run / "best.pt", CPU)
