@@ -439,9 +439,11 @@ class VectorQuantizer(nn.Module):
 
 class FiniteScalarQuantizer(nn.Module):
     """Finite scalar quantisation (Mentzer et al. 2024): each of the D = len(levels) channels is bounded and
-    rounded to one of its L_i levels, so the codebook is the implicit grid of prod(L_i) points and cannot collapse
-    (no codebook loss, no commitment loss, no dead codes). A code's index spells its digits in mixed radix
-    (channel 0 the most significant), so neighbouring indices of the last channel are neighbouring grid points.
+    rounded to one of its L_i levels, so the codebook is the fixed grid of prod(L_i) points: nothing learnt, no
+    codebook or commitment loss, no restarts (how much of the grid is used still depends on the encoder). A code's
+    index spells its digits in mixed radix (channel 0 the most significant). Every channel needs at least 3
+    levels: with 2, the even-level shift atanh(1/2 / h) is about 3.8, so z = 0 sits deep inside one level and the
+    channel barely moves (the paper's level sets start at 5).
 
     Channel i is squashed as tanh(x + shift) * (1 + eps) (L_i - 1) / 2 - offset (offset 1/2 and the
     matching shift for even L_i, which puts the levels on the integers -L_i/2 .. L_i/2 - 1, as in the authors'
@@ -452,12 +454,12 @@ class FiniteScalarQuantizer(nn.Module):
     def __init__(self, levels, eps=1e-3):
         super().__init__()
         levels = [int(v) for v in levels]
-        if not levels or min(levels) < 2:
-            raise ValueError(f"FSQ levels must be a list of whole numbers >= 2, got {levels}")
+        if not levels or min(levels) < 3:
+            raise ValueError(f"FSQ levels must be a list of whole numbers >= 3, got {levels}")
         self.levels = levels
         self.n_embed, self.embed_dim = math.prod(levels), len(levels)
         lv = torch.tensor(levels, dtype=torch.float32)
-        # (1 + eps): the outermost levels lie inside tanh's range (and a 2-level channel's shift is finite)
+        # (1 + eps): the outermost levels lie inside tanh's range, as in the authors' code
         self.register_buffer("_half_levels", (lv - 1) * (1 + eps) / 2, persistent=False)
         self.register_buffer("_offsets", (lv % 2 == 0).float() / 2, persistent=False)
         self.register_buffer("_half_width", (lv // 2), persistent=False)

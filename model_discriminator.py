@@ -147,7 +147,8 @@ def feature_matching_loss(fake_features, real_features):
 
 def r1_penalty(real_logits, real_images):
     """R1 (Mescheder et al. 2018): the mean over the batch of ||d D(x) / d x||^2 on real images, where D(x) is
-    each image's mean patch logit (the scale the GAN losses see). real_images must require grad and
+    each image's mean patch logit (the scale the GAN losses see; a penalty on the summed logits, as StyleGAN's,
+    would be (h w)^2 times larger, so its gamma values do not carry over). real_images must require grad and
     real_logits come from them; the graph is kept so that the penalty trains the discriminator."""
     grad, = torch.autograd.grad(real_logits.mean(dim=(1, 2, 3)).sum(), real_images, create_graph=True)
     return grad.square().sum(dim=(1, 2, 3)).mean()
@@ -155,7 +156,8 @@ def r1_penalty(real_logits, real_images):
 
 class LeCamAnchors(nn.Module):
     """LeCam regulariser (Tseng et al. 2021) and its anchors: moving averages of the discriminator's mean logit
-    on real and on fake images (decay 0.99, zero-debiased, as the authors' code). The penalty
+    on real and on fake images (decay 0.99 as the authors'; zero-debiased, where their code instead averages with
+    decay 0 for its first steps). The penalty
     mean relu(D(real) - anchor_fake)^2 + mean relu(anchor_real - D(fake))^2 keeps the two sides' logits from
     drifting apart, which is how a discriminator overfits a small training set. A module so that the anchors
     are saved with the run and a resumed run goes on from them."""
@@ -176,10 +178,10 @@ class LeCamAnchors(nn.Module):
         self.count += 1
 
     def anchors(self):
-        """(real, fake) averages, divided by 1 - decay^count so that the first steps are not pulled to 0."""
-        if int(self.count) == 0:
-            return torch.zeros(2, device=self.sums.device)
-        return self.sums / (1 - self.decay ** int(self.count))
+        """(real, fake) averages, divided by 1 - decay^count so that the first steps are not pulled to 0 (zero
+        before any update); on the device, with no host sync."""
+        debias = 1 - torch.full_like(self.sums, self.decay).pow(self.count)
+        return torch.where(self.count > 0, self.sums / debias.clamp_min(1e-12), torch.zeros_like(self.sums))
 
     def forward(self, real_logits, fake_logits):
         """Update the anchors with this batch, then the penalty on it."""

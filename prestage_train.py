@@ -44,10 +44,11 @@ HYPERS = [
       "drawn (each about a twentieth of the demo autoencoder's arithmetic)", "model", low=0),
     H("dropout", 0.0, "dropout in ResBlocks", "model", high=1),
     H("quantizer", "vq", "vq: a learnt codebook of --n-embed vectors; fsq: finite scalar quantisation (Mentzer et "
-      "al. 2024), each code channel rounded to one of --fsq-levels values (the codebook is their grid and cannot "
-      "collapse; --n-embed and --embed-dim follow from the levels)", "model", applies="vqvae", choices=QUANTIZERS),
-    H("fsq_levels", [8, 5, 5, 5], "with --quantizer fsq: the values per code channel (8,5,5,5: 1000 codes of 4 "
-      "channels, the paper's choice near 1024)", "model", applies="vqvae"),
+      "al. 2024), each code channel rounded to one of --fsq-levels values (the codebook is their fixed grid, with "
+      "no codebook loss; --n-embed and --embed-dim follow from the levels)", "model", applies="vqvae",
+      choices=QUANTIZERS),
+    H("fsq_levels", [8, 5, 5, 5], "with --quantizer fsq: the values per code channel, each at least 3 (8,5,5,5: "
+      "1000 codes of 4 channels, the paper's choice near 1024)", "model", applies="vqvae"),
     H("n_embed", 1024, "VQ codebook size", "model", applies="vqvae", low=2),
     H("embed_dim", 4, "VQ code dimension", "model", applies="vqvae", low=1),
     H("vq_ema", True, "EMA codebook updates with dead-code restart", "model", applies="vqvae", arg="ema"),
@@ -76,7 +77,8 @@ HYPERS = [
     H("disc_z", True, "the discriminator is told each slice's z-index (when the run is z-conditioned); --no-... "
       "judges every slice against all of them", "loss"),
     H("r1_weight", 0.0, "R1 gradient penalty weight gamma on real slices (the discriminator's loss gains gamma/2 "
-      "times the mean ||grad_x D(x)||^2, Mescheder et al. 2018; 0: off)", "loss", low=0),
+      "times the mean ||grad_x D(x)||^2, D(x) the slice's mean patch logit, Mescheder et al. 2018; 0: off)", "loss",
+      low=0),
     H("lecam_weight", 0.0, "LeCam regulariser weight (Tseng et al. 2021: the discriminator's logits pulled towards "
       "moving averages of the other side's; 0: off)", "loss", low=0),
     H("fm_weight", 0.0, "discriminator feature-matching loss weight (pix2pixHD; from disc_start, while the GAN is "
@@ -389,10 +391,15 @@ def check_fsq(config, args):
     """With --quantizer fsq the codebook size and code channels follow from --fsq-levels (written into the config
     so that it says what the model is); the learnt codebook's flags are refused."""
     if config["model"] != "vqvae" or config["quantizer"] != "fsq":
+        if config["model"] == "vqvae" and getattr(args, "fsq_levels", None) is not None and not args.resume:
+            raise UserError("--fsq-levels: applies only with --quantizer fsq (this run learns a codebook of "
+                            "--n-embed vectors)")
         return
     levels = config["fsq_levels"]
-    if min(levels) < 2:
-        raise UserError(f"--fsq-levels {','.join(map(str, levels))}: every channel needs at least 2 levels")
+    if not levels or min(levels) < 3:
+        source = " (in the run's config.json)" if args.resume else ""
+        raise UserError(f"--fsq-levels {','.join(map(str, levels))}{source}: give at least one channel, each with "
+                        f"at least 3 levels (with 2, the channel starts deep inside one level and barely trains)")
     given = [name for name in VQ_ONLY if getattr(args, name, None) is not None]
     if given and not args.resume:
         raise UserError(f"{tr.typed_flag(given[0], getattr(args, given[0]))}: does not apply with --quantizer fsq (its codebook is the "

@@ -414,4 +414,3 @@ def test_lecam_penalty_pulls_the_logits_only():
     # the first step's anchors are the batch means (real 1.5, fake -2): d/dD(real) = 2 (D - (-2)) / 2
     torch.testing.assert_close(real.grad, torch.tensor([4.0, 3.0]))
     torch.testing.assert_close(fake.grad, torch.tensor([-2 * 3.5]))
-    assert not lecam.sums.requires_grad

@@ -96,7 +96,7 @@ def test_discriminator_regularisers_are_logged_from_disc_start_and_refused_below
          "--log-every", 1, "--r1-weight", 2.0, "--lecam-weight", 0.5)
     records = [r for r in util.read_jsonl(out / "log.jsonl") if "loss/rec" in r]
     assert [("loss/r1" in r, "loss/lecam" in r) for r in records] == [(False, False)] * 3 + [(True, True)] * 3
-    assert all(r["loss/r1"] > 0 and r["loss/lecam"] >= 0 for r in records[3:])
+    assert all(r["loss/r1"] > 0 for r in records[3:])
     state = util.load_checkpoint(out / "last.pt")
     assert (state["config"]["r1_weight"], state["config"]["lecam_weight"]) == (2.0, 0.5)
     plain = tmp_path / "plain"
@@ -121,20 +121,23 @@ def test_the_discriminator_is_told_z_unless_no_disc_z(tmp_path, tiny_data):
 def test_fsq_run_records_the_grid_it_quantises_to_and_refuses_codebook_flags(tmp_path, tiny_data):
     out = tmp_path / "fsq"
     _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", out, "--steps", 4, "--disc-start", 2,
-         "--quantizer", "fsq", "--fsq-levels", "4,3,2")
+         "--quantizer", "fsq", "--fsq-levels", "4,3,3")
     state = util.load_checkpoint(out / "last.pt")
-    assert (state["config"]["n_embed"], state["config"]["embed_dim"]) == (24, 3)  # not the smoke preset's 32 codes
+    assert (state["config"]["n_embed"], state["config"]["embed_dim"]) == (36, 3)  # not the smoke preset's 32 codes
     model, _ = prestage_train.load_autoencoder(out / "best.pt", torch.device("cpu"))
-    assert model.n_embed == 24 and model.quantizer.codebook.shape == (24, 3)
+    assert model.n_embed == 36 and model.quantizer.codebook.shape == (36, 3)
     _run("--resume", out, "--steps", 6)
     assert util.load_checkpoint(out / "last.pt")["step"] == 6
     for argv, flag in ((("--n-embed", 64), "--n-embed"), (("--no-vq-ema",), "--no-vq-ema"),
-                       (("--fsq-levels", "4,1"), "--fsq-levels 4,1")):
+                       (("--fsq-levels", "4,2"), "--fsq-levels 4,2"), (("--fsq-levels", ""), "--fsq-levels ")):
         with pytest.raises(UserError, match=flag):
             _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad",
                  "--quantizer", "fsq", *argv)
     with pytest.raises(UserError, match="--quantizer"):
         _run("--model", "vae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--quantizer", "fsq")
+    with pytest.raises(UserError, match="--fsq-levels: applies only with --quantizer fsq"):
+        _run("--model", "vqvae", "--preset", "smoke", "--data", tiny_data, "--out", tmp_path / "bad", "--fsq-levels",
+             "4,4")
     assert not (tmp_path / "bad").exists()
 
 
