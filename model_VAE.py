@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from module import ConditionEmbedding, Downsample, ResBlock, SelfAttention2d, Upsample, group_norm
+from module import ConditionEmbedding, Downsample, ResBlock, SelfAttention2d, Upsample, all_reduce_sum, group_norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,13 +288,6 @@ class VAE(_Autoencoder):
 # Vector quantisation
 
 
-def _all_reduce_sum(tensor):
-    """Sum a tensor over processes when torch.distributed is running (keeps EMA replicas identical)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def _broadcast_from_first(tensor):
     """Give every process rank 0's copy (random restarts must pick the same encoder outputs everywhere)."""
     if dist.is_available() and dist.is_initialized():
@@ -409,7 +402,7 @@ class VectorQuantizer(nn.Module):
         """Training-mode bookkeeping: usage EMA, EMA codebook (if enabled) and dead-code restarts."""
         sums = torch.zeros(self.n_embed, self.embed_dim, device=flat.device).index_add_(0, indices, flat)
         # one collective for both statistics; summed over processes so every replica updates identically
-        totals = _all_reduce_sum(torch.cat([counts[:, None], sums], dim=1))
+        totals = all_reduce_sum(torch.cat([counts[:, None], sums], dim=1))
         counts, sums = totals[:, 0], totals[:, 1:]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         if self.ema:
@@ -463,6 +456,7 @@ class FiniteScalarQuantizer(nn.Module):
         self.register_buffer("_half_levels", (lv - 1) * (1 + eps) / 2, persistent=False)
         self.register_buffer("_offsets", (lv % 2 == 0).float() / 2, persistent=False)
         self.register_buffer("_half_width", (lv // 2), persistent=False)
+        self.register_buffer("_levels", torch.tensor(levels), persistent=False)
         radix = torch.cumprod(torch.tensor([1] + levels[:0:-1]), 0).flip(0)  # [prod(L[1:]), ..., L[-1], 1]
         self.register_buffer("_radix", radix, persistent=False)
         self.register_buffer("codebook", self.lookup(torch.arange(self.n_embed)), persistent=False)
@@ -475,7 +469,7 @@ class FiniteScalarQuantizer(nn.Module):
     def digits(self, values):
         """Grid values [..., D] (in [-1, 1]) -> per-channel digits 0 .. L_i - 1, rounding to the nearest level."""
         steps = torch.round(values * self._half_width) + self._half_width
-        return steps.clamp(min=0).minimum(torch.tensor(self.levels, device=values.device) - 1).long()
+        return steps.clamp(min=0).minimum(self._levels - 1).long()
 
     def nearest(self, flat):
         """Index of the closest grid point for each row of `flat` [N, D] (per channel: the grid is a product)."""
@@ -483,7 +477,7 @@ class FiniteScalarQuantizer(nn.Module):
 
     def lookup(self, indices):
         """Grid points for integer indices [...] -> [..., D]."""
-        digits = (indices[..., None] // self._radix) % torch.tensor(self.levels, device=indices.device)
+        digits = (indices[..., None] // self._radix) % self._levels
         return (digits - self._half_width).float() / self._half_width
 
     def forward(self, z_e):

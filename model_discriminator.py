@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from module import ConditionEmbedding, group_norm
+from module import ConditionEmbedding, all_reduce_sum, group_norm
 from util import UserError, ms_ssim, ssim
 
 
@@ -171,9 +171,8 @@ class LeCamAnchors(nn.Module):
     @torch.no_grad()
     def update(self, real_logits, fake_logits):
         means = torch.stack([real_logits.mean(), fake_logits.mean()]).float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(means)  # every rank keeps the same anchors
-            means /= torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank keeps the same anchors
+            means = all_reduce_sum(means) / torch.distributed.get_world_size()
         self.sums.mul_(self.decay).add_(means, alpha=1 - self.decay)
         self.count += 1
 

@@ -8,10 +8,12 @@ Everything here is a plain nn.Module that knows nothing about data or files:
 - `SelfAttention2d`: single-head self-attention over the pixels of a feature map through
   `torch.nn.functional.scaled_dot_product_attention` (flash/efficient kernels where available).
 - `Downsample` / `Upsample`: stride-2 conv and nearest-neighbour upsampling followed by a conv.
+- `all_reduce_sum`: a tensor summed over processes under torch.distributed (statistics every replica must share).
 """
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -129,3 +131,11 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor in place over processes when torch.distributed is running (keeps running statistics, e.g.
+    EMA codebooks and LeCam anchors, identical on every replica); the tensor as it is otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
